@@ -1,0 +1,91 @@
+"""The interactive chat loop: the model's own chat template, streaming, /reset, /exit, Ctrl-C."""
+
+from __future__ import annotations
+
+import sys
+
+HELP = "/reset starts over, /exit quits, Ctrl-C stops a reply"
+
+
+def _read_line(stream, interactive: bool) -> str | None:
+    if interactive:
+        try:
+            return input("> ")
+        except EOFError:
+            return None
+    line = stream.readline()
+    return None if line == "" else line
+
+
+def _context_full(llm, n_ctx: int) -> bool:
+    return llm.n_tokens >= n_ctx - 1
+
+
+def run_chat(llm, *, max_tokens: int, temperature: float, seed: int | None, system: str | None = None,
+             stdin=None, stdout=None) -> int:
+    """Chats until /exit or end of input. One user turn per line when stdin is not a TTY."""
+    stdin = stdin or sys.stdin
+    out = stdout or sys.stdout
+    interactive = stdin.isatty()
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    n_ctx = llm.n_ctx()
+    if interactive:
+        print(f"Chatting with {llm.model_info.name or llm.model_path} ({llm.backend} backend, "
+              f"{llm.attention} attention, context {n_ctx} tokens). {HELP}.", file=out)
+    while True:
+        try:
+            line = _read_line(stdin, interactive)
+        except KeyboardInterrupt:
+            print(file=out)
+            return 0
+        if line is None:
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            return 0
+        if text == "/reset":
+            history = list(start)
+            llm.reset()
+            print("(conversation cleared)", file=out, flush=True)
+            continue
+        if text.startswith("/") and " " not in text:
+            print(f"(unknown command {text}; {HELP})", file=out, flush=True)
+            continue
+        history.append({"role": "user", "content": text})
+        reply = _reply(llm, history, max_tokens=max_tokens, temperature=temperature, seed=seed, out=out)
+        if reply is None:
+            history.pop()
+            print(f"(the context is full: {n_ctx} tokens; /reset to start a new conversation, "
+                  "or restart with a larger --ctx-size)", file=out, flush=True)
+            continue
+        history.append({"role": "assistant", "content": reply})
+        if _context_full(llm, n_ctx):
+            print(f"(the context is full: {n_ctx} tokens; /reset to start a new conversation)", file=out, flush=True)
+
+
+def _reply(llm, history, *, max_tokens, temperature, seed, out) -> str | None:
+    """Streams one reply; None when the conversation no longer fits the context."""
+    try:
+        stream = llm.create_chat_completion(messages=history, stream=True, max_tokens=max_tokens,
+                                            temperature=temperature, seed=seed)
+        parts: list[str] = []
+        try:
+            for chunk in stream:
+                delta = chunk["choices"][0]["delta"].get("content")
+                if delta:
+                    parts.append(delta)
+                    out.write(delta)
+                    out.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            out.write(" [stopped]")
+    except ValueError as e:
+        if "exceed context window" in str(e):
+            return None
+        raise
+    out.write("\n")
+    out.flush()
+    return "".join(parts)

@@ -1,0 +1,207 @@
+"""python -m iceformer_llama COMMAND: setup, build, download, chat, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from . import _pins
+from .errors import IceformerError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr, exit 2 (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see: python -m iceformer_llama {self.prog.split()[-1]} --help)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, ctx_default: int) -> None:
+    from .settings import add_arguments
+
+    p.add_argument("--model", "-m", default=None,
+                   help="GGUF path, alias (llama-2-7b, llama-2-7b-chat, llama-2-13b-chat) or REPO_ID:FILENAME; "
+                        "default: the bundled SmolLM2-135M-Instruct")
+    p.add_argument("--backend", choices=("patched", "stock"), default=None,
+                   help="llama.cpp build to load (default: $ICEFORMER_LLAMA_BACKEND or patched)")
+    p.add_argument("--ctx-size", "-c", type=_positive, default=ctx_default, help=f"context tokens (default {ctx_default})")
+    p.add_argument("--threads", "-t", type=_positive, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--batch-size", "-b", type=_positive, default=512, help="prompt tokens per ubatch (default 512)")
+    p.add_argument("--flash-attn", choices=("on", "off", "auto"), default="auto",
+                   help="llama.cpp flash attention in dense layers (auto: on, as llama.cpp picks on CPUs)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--temp", type=float, default=None, help="sampling temperature")
+    add_arguments(p)
+
+
+def _open_model(args, *, logits_all: bool = False):
+    from . import backend
+    from .llama import Llama
+    from .settings import from_arguments
+
+    if args.backend:
+        backend.use_backend(args.backend)
+    attention = args.attention if backend.selected() == "patched" else "dense"
+    threads = args.threads or os.cpu_count() or 1
+    return Llama(args.model, attention=attention, iceformer=from_arguments(args), n_ctx=args.ctx_size,
+                 n_batch=args.batch_size, n_ubatch=args.batch_size, n_threads=threads, n_threads_batch=threads,
+                 flash_attn=(args.flash_attn != "off"), logits_all=logits_all,
+                 seed=args.seed if args.seed is not None else 0xFFFFFFFF)
+
+
+def cmd_setup(args) -> int:
+    """Installs llama-cpp-python's Python layer, fetches the bundled model, builds the backends."""
+    from . import build, models
+
+    try:
+        import llama_cpp  # noqa: F401  (only probing: nothing is loaded by this import's absence)
+    except ImportError:
+        print(f"installing llama-cpp-python {_pins.LLAMA_CPP_PYTHON_VERSION} (Python layer only)", file=sys.stderr)
+        env = dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD=OFF")
+        rc = subprocess.call([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                              f"llama-cpp-python=={_pins.LLAMA_CPP_PYTHON_VERSION}"], env=env)
+        if rc != 0:
+            raise IceformerError("installing llama-cpp-python failed; see pip's output above")
+    model = models.ensure_bundled_model(progress=sys.stderr.isatty())
+    for kind in ("patched", "stock") if args.stock else ("patched",):
+        build.build(kind, jobs=args.jobs, smoke_model=model, log=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
+def cmd_build(args) -> int:
+    from . import build, models
+
+    if args.info:
+        print("\n".join(build.describe()))
+        return 0
+    model = models.bundled_model_path()
+    info = build.build("stock" if args.stock else "patched", jobs=args.jobs, smoke_model=model, force=args.force,
+                       log=lambda m: print(m, file=sys.stderr))
+    print(info.lib_dir)
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .models import check_gguf, download_model
+
+    path = download_model(args.model, progress=sys.stderr.isatty())
+    check_gguf(path)
+    print(path)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat import run_chat
+
+    with _open_model(args) as llm:
+        return run_chat(llm, max_tokens=args.n_predict, temperature=0.7 if args.temp is None else args.temp,
+                        seed=args.seed, system=args.system)
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate
+
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
+        except OSError as e:
+            raise UsageError(f"cannot read prompt file {args.prompt_file}: {e.strerror}") from None
+    else:
+        prompt = args.prompt
+    with _open_model(args) as llm:
+        stream = None if args.json else (lambda piece: (sys.stdout.buffer.write(piece), sys.stdout.flush()))
+        result = generate(llm, prompt, n_predict=args.n_predict, temperature=args.temp or 0.0, seed=args.seed,
+                          on_text=stream)
+        if args.json:
+            print(json.dumps({
+                "text": result.text, "prompt_tokens": result.prompt_tokens,
+                "generated_tokens": result.generated_tokens,
+                "prefill_seconds": round(result.prefill_seconds, 6), "decode_seconds": round(result.decode_seconds, 6),
+                **result.rates(), "stop_reason": result.stop_reason,
+                "backend": llm.backend, "attention": llm.attention, "model": llm.model_path,
+                "settings": {"ctx_size": args.ctx_size, "threads": args.threads or os.cpu_count(),
+                             "batch_size": args.batch_size, "flash_attn": args.flash_attn, "seed": args.seed,
+                             "temp": args.temp or 0.0, "n_predict": args.n_predict,
+                             "iceformer": llm.attention_params()},
+            }))
+        else:
+            print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="iceformer_llama", description="IceFormer sparse attention in a patched llama.cpp")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("setup", help="install the Python layer, fetch the bundled model, build the patched backend")
+    p.add_argument("--stock", action="store_true", help="also build stock llama.cpp (for comparisons and tests)")
+    p.add_argument("-j", "--jobs", type=_positive, default=None, help="parallel compile jobs")
+    p.set_defaults(func=cmd_setup)
+
+    p = sub.add_parser("build", help="build the patched (or stock) llama.cpp libraries")
+    p.add_argument("--stock", action="store_true", help="build stock llama.cpp: same source and flags, no patches")
+    p.add_argument("--info", action="store_true", help="print what is built and where")
+    p.add_argument("--force", action="store_true", help="rebuild even when an identical build exists")
+    p.add_argument("-j", "--jobs", type=_positive, default=None, help="parallel compile jobs")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("download", help="download a model from the Hugging Face hub")
+    p.add_argument("model", help="alias (llama-2-7b, ...) or REPO_ID:FILENAME")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("chat", help="chat with a model (the bundled one by default)")
+    _add_model_args(p, ctx_default=4096)
+    p.add_argument("-n", "--n-predict", type=_non_negative, default=512, help="max tokens per reply (default 512)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="one completion, optionally as JSON with timings")
+    _add_model_args(p, ctx_default=4096)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", "-p", help="prompt text")
+    src.add_argument("--prompt-file", "-f", help="file holding the prompt")
+    p.add_argument("-n", "--n-predict", type=_non_negative, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except IceformerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except Exception as e:  # never a traceback for users; ICEFORMER_LLAMA_DEBUG=1 shows it
+        if os.environ.get("ICEFORMER_LLAMA_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e} (set ICEFORMER_LLAMA_DEBUG=1 for details)", file=sys.stderr)
+        return 1

@@ -1,0 +1,90 @@
+"""ctypes bindings of the patched llama.h IceFormer API (patches/0001), mirroring the header."""
+
+from __future__ import annotations
+
+import ctypes
+
+from .errors import BackendError, UsageError
+from .settings import IceformerSettings
+
+LLAMA_ATTN_MODE_DENSE = 0
+LLAMA_ATTN_MODE_ICEFORMER = 1
+MODES = {"dense": LLAMA_ATTN_MODE_DENSE, "iceformer": LLAMA_ATTN_MODE_ICEFORMER}
+
+
+class llama_iceformer_params(ctypes.Structure):
+    # struct llama_iceformer_params { enum llama_attn_mode mode; int32_t top_k; ... bool tail_estimate; };
+    _fields_ = [
+        ("mode", ctypes.c_int),
+        ("top_k", ctypes.c_int32),
+        ("n_sinks", ctypes.c_int32),
+        ("window", ctypes.c_int32),
+        ("block_size", ctypes.c_int32),
+        ("min_n_kv", ctypes.c_int32),
+        ("n_composite", ctypes.c_int32),
+        ("n_simple", ctypes.c_int32),
+        ("visit_budget", ctypes.c_int32),
+        ("retrieve_budget", ctypes.c_int32),
+        ("seed", ctypes.c_uint64),
+        ("dense_layers", ctypes.c_uint64 * 4),
+        ("exact_search", ctypes.c_bool),
+        ("tail_estimate", ctypes.c_bool),
+    ]
+
+
+class IceformerAPI:
+    """The four functions, looked up in a loaded libllama (absent from stock builds)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        try:
+            # struct llama_iceformer_params llama_iceformer_default_params(void);
+            self._default = lib.llama_iceformer_default_params
+            # int32_t llama_set_iceformer_params(struct llama_context *, const struct llama_iceformer_params *);
+            self._set = lib.llama_set_iceformer_params
+            # struct llama_iceformer_params llama_get_iceformer_params(const struct llama_context *);
+            self._get = lib.llama_get_iceformer_params
+            # size_t llama_iceformer_memory(const struct llama_context *);
+            self._memory = lib.llama_iceformer_memory
+        except AttributeError:
+            raise BackendError("this libllama has no IceFormer API (a stock build?); "
+                               "iceformer attention needs the patched backend") from None
+        self._default.argtypes, self._default.restype = [], llama_iceformer_params
+        self._set.argtypes = [ctypes.c_void_p, ctypes.POINTER(llama_iceformer_params)]
+        self._set.restype = ctypes.c_int32
+        self._get.argtypes, self._get.restype = [ctypes.c_void_p], llama_iceformer_params
+        self._memory.argtypes, self._memory.restype = [ctypes.c_void_p], ctypes.c_size_t
+
+    def default_params(self) -> llama_iceformer_params:
+        return self._default()
+
+    def to_params(self, mode: str, settings: IceformerSettings | None) -> llama_iceformer_params:
+        if mode not in MODES:
+            raise UsageError(f"unknown attention {mode!r}: choose dense or iceformer")
+        p = self._default()
+        p.mode = MODES[mode]
+        for name, value in (settings or IceformerSettings()).overrides().items():
+            if name == "dense_layers":
+                words = [0, 0, 0, 0]
+                for layer in value:
+                    words[layer // 64] |= 1 << (layer % 64)
+                for i in range(4):
+                    p.dense_layers[i] = words[i]
+            else:
+                setattr(p, name, value)
+        return p
+
+    def set(self, ctx, mode: str, settings: IceformerSettings | None) -> None:
+        p = self.to_params(mode, settings)
+        if self._set(ctx, ctypes.byref(p)) != 0:
+            raise UsageError(f"the kernel rejected the IceFormer settings {settings.overrides() if settings else {}}")
+
+    def get(self, ctx) -> dict:
+        p = self._get(ctx)
+        out = {f[0]: getattr(p, f[0]) for f in llama_iceformer_params._fields_ if f[0] != "dense_layers"}
+        out["mode"] = {v: k for k, v in MODES.items()}[out["mode"]]
+        out["dense_layers"] = [i for i in range(256) if (p.dense_layers[i // 64] >> (i % 64)) & 1]
+        return out
+
+    def memory(self, ctx) -> int:
+        return int(self._memory(ctx))
+

@@ -1,0 +1,113 @@
+"""iceformer_llama.Llama: llama_cpp.Llama on the chosen backend, with IceFormer attention."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from . import backend
+from .errors import BackendError, UsageError
+from .settings import ATTENTION_MODES, IceformerSettings
+
+# Methods and properties forwarded unchanged to the wrapped llama_cpp.Llama.
+_FORWARDED = (
+    "tokenize", "detokenize", "reset", "eval", "sample", "generate", "create_completion",
+    "create_chat_completion", "create_chat_completion_openai_v1", "create_embedding", "embed",
+    "save_state", "load_state", "n_ctx", "n_embd", "n_vocab", "token_bos", "token_eos", "tokenizer",
+    "set_seed", "logits_to_logprobs",
+)
+
+
+class Llama:
+    """A drop-in for llama_cpp.Llama: same constructor arguments and methods, plus
+
+    - model_path: a GGUF path, a known alias, REPO_ID:FILENAME, or None for the bundled model;
+    - attention: "dense" (upstream llama.cpp attention) or "iceformer" (patched backend only);
+    - iceformer: IceformerSettings (None: library defaults).
+
+    Unknown keyword arguments raise TypeError instead of being swallowed.
+    """
+
+    def __init__(self, model_path: str | Path | None = None, *, attention: str = "dense",
+                 iceformer: IceformerSettings | None = None, **llama_kwargs):
+        from .models import check_gguf, resolve_model
+
+        if attention not in ATTENTION_MODES:
+            raise UsageError(f"unknown attention {attention!r}: choose dense or iceformer")
+        if iceformer is not None and not isinstance(iceformer, IceformerSettings):
+            raise TypeError("iceformer must be an IceformerSettings")
+        llama_cpp = backend.load()
+        accepted = _constructor_arguments(llama_cpp.Llama)
+        unknown = sorted(set(llama_kwargs) - accepted)
+        if unknown:
+            raise TypeError(f"Llama() got unexpected keyword argument(s): {', '.join(unknown)}")
+        if attention == "iceformer" and backend.loaded() != "patched":
+            raise BackendError("iceformer attention needs the patched backend (this process uses stock)")
+        n_ctx = llama_kwargs.get("n_ctx", 512)
+        if not isinstance(n_ctx, int) or n_ctx < 1:
+            raise UsageError(f"context size must be a positive number of tokens, got {n_ctx!r}")
+
+        path = resolve_model(None if model_path is None else str(model_path))
+        self.model_info = check_gguf(path)
+        self.model_path = str(path)
+        llama_kwargs.setdefault("verbose", False)
+        try:
+            self._llm = llama_cpp.Llama(model_path=self.model_path, **llama_kwargs)
+        except ValueError as e:
+            raise UsageError(f"llama.cpp could not load {path}: {e}") from None
+        self.backend = backend.loaded()
+        self.attention = "dense"
+        self.iceformer_settings = IceformerSettings()
+        if self.backend == "patched" or attention != "dense":
+            self.set_attention(attention, iceformer)
+
+    def set_attention(self, attention: str, iceformer: IceformerSettings | None = None) -> None:
+        """Switches attention between decode calls, without reloading the model."""
+        settings = iceformer or IceformerSettings()
+        if attention == "iceformer" and self.backend != "patched":
+            raise BackendError("iceformer attention needs the patched backend")
+        if self.backend == "patched":
+            backend.iceformer_api().set(self._llm.ctx, attention, settings)
+        self.attention, self.iceformer_settings = attention, settings
+
+    def attention_params(self) -> dict:
+        """The settings in force, as the library reports them (patched backend)."""
+        if self.backend != "patched":
+            return {"mode": "dense"}
+        return backend.iceformer_api().get(self._llm.ctx)
+
+    def iceformer_memory(self) -> int:
+        """Bytes held by the IceFormer kernel state of this context."""
+        return backend.iceformer_api().memory(self._llm.ctx) if self.backend == "patched" else 0
+
+    # -- the llama_cpp.Llama surface --------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self._llm(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name in _FORWARDED or name in ("ctx", "model", "scores", "input_ids", "n_tokens", "metadata",
+                                          "chat_format", "chat_handler", "verbose", "context_params",
+                                          "model_params", "_scores", "eval_tokens", "eval_logits"):
+            return getattr(self.__dict__["_llm"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def llama(self):
+        """The wrapped llama_cpp.Llama."""
+        return self._llm
+
+    def close(self) -> None:
+        llm = self.__dict__.pop("_llm", None)
+        if llm is not None:
+            llm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _constructor_arguments(cls) -> set[str]:
+    params = inspect.signature(cls.__init__).parameters
+    return {n for n, p in params.items() if n not in ("self", "model_path") and p.kind != p.VAR_KEYWORD}

@@ -1,0 +1,101 @@
+"""IceFormer attention settings: one definition for the API, the CLI and the server.
+
+Every field defaults to None, meaning "the library's default" (llama_iceformer_default_params()
+in the patched llama.h, which takes the kernel's ice_attn_default_params()); so the defaults
+live in C, once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+ATTENTION_MODES = ("dense", "iceformer")
+
+
+def _knob(flag: str, help: str, kind=int):
+    return field(default=None, metadata={"flag": flag, "help": help, "kind": kind})
+
+
+@dataclass(frozen=True, kw_only=True)
+class IceformerSettings:
+    """Knobs of the IceFormer kernel; None keeps the library default."""
+
+    top_k: int | None = _knob("--top-k", "keys retrieved per query and head by k-NN search")
+    n_sinks: int | None = _knob("--sinks", "first visible keys always attended (attention sinks)")
+    window: int | None = _knob("--window", "most recent visible keys always attended")
+    block_size: int | None = _knob("--block-size", "keys per block summary (tail estimate)")
+    min_n_kv: int | None = _knob("--min-n-kv", "rows with fewer visible keys run dense attention")
+    n_composite: int | None = _knob("--dci-l", "DCI composite indices (L)")
+    n_simple: int | None = _knob("--dci-m", "DCI simple indices per composite index (m)")
+    visit_budget: int | None = _knob("--visit-budget", "DCI keys visited per composite index, 0 = automatic")
+    retrieve_budget: int | None = _knob("--retrieve-budget", "DCI candidates scored exactly, 0 = automatic")
+    seed: int | None = _knob("--dci-seed", "seed of the DCI random projections")
+    dense_layers: tuple[int, ...] | None = _knob("--dense-layers", "comma-separated layers kept dense", kind="layers")
+    exact_search: bool | None = _knob("--exact-search", "brute-force top-k instead of DCI (reference)", kind=bool)
+    tail_estimate: bool | None = _knob("--tail-estimate", "estimate unretrieved keys from block summaries",
+                                       kind=bool)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            kind = f.metadata["kind"]
+            if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{f.name} must be a non-negative integer, got {value!r}")
+            if kind is bool and not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be True or False, got {value!r}")
+            if kind == "layers":
+                if not all(isinstance(i, int) and 0 <= i < 256 for i in value):
+                    raise ValueError(f"dense_layers must be layer numbers 0..255, got {value!r}")
+                object.__setattr__(self, "dense_layers", tuple(sorted(set(value))))
+
+    def overrides(self) -> dict:
+        """The fields that were set (not None)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+def _parse_layers(text: str) -> tuple[int, ...]:
+    if text.strip() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("on", "true", "1", "yes"):
+        return True
+    if text.lower() in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds --attention and one flag per IceformerSettings field."""
+    group = parser.add_argument_group("attention")
+    group.add_argument("--attention", choices=ATTENTION_MODES, default="iceformer",
+                       help="attention in the patched backend (default: iceformer)")
+    for f in dataclasses.fields(IceformerSettings):
+        kind = f.metadata["kind"]
+        parse = {int: _non_negative, bool: _parse_bool, "layers": _parse_layers}[kind]
+        group.add_argument(f.metadata["flag"], dest=f"ice_{f.name}", type=parse, default=None,
+                           metavar="on|off" if kind is bool else ("L,L" if kind == "layers" else "N"),
+                           help=f.metadata["help"] + " (default: library default)")
+
+
+def from_arguments(args: argparse.Namespace) -> IceformerSettings:
+    return IceformerSettings(**{f.name: getattr(args, f"ice_{f.name}") for f in dataclasses.fields(IceformerSettings)})

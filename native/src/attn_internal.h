@@ -1,0 +1,82 @@
+// attn_internal.h - attention state shared by attn.c, attn_dense.c and tail.c (not installed).
+
+#ifndef ICE_ATTN_INTERNAL_H
+#define ICE_ATTN_INTERNAL_H
+
+#include "ice_internal.h"
+
+#define ICE_MAX_THREADS 1024   // largest nth accepted by prepare/forward
+#define ICE_MAX_HEADS   8192   // largest n_stream * n_head_kv
+
+// Per (stream, KV head): written by one thread in prepare, read by all in forward.
+struct ice_head {
+    // what it was prepared for (checked by forward)
+    const void * kdata; const void * vdata; const void * mdata;
+    int64_t n_kv, d_k, d_v;
+    enum ice_status status;
+    // points: the cells visible to at least one row, ascending; rows of k32/v32 are points
+    int64_t   n_pts;
+    int32_t * cells;    size_t cells_cap;    // n_pts: point -> cell
+    float   * k32;      size_t k32_cap;      // n_pts*d_k
+    float   * v32;      size_t v32_cap;      // n_pts*d_v
+    bool      indexed;                       // dci built (DCI search) or exact search allowed
+    struct ice_dci dci;
+    // tail: block b covers cells [b*B, (b+1)*B); sums over its points
+    int64_t   n_blocks;
+    int32_t * bcount;   size_t bcount_cap;   // n_blocks: points per block
+    float   * bk;       size_t bk_cap;       // n_blocks*d_k: sum of keys
+    float   * bv;       size_t bv_cap;       // n_blocks*d_v: sum of values
+};
+
+// Per thread ith: grow-only scratch.
+struct ice_thread {
+    struct ice_dci_scratch dci;
+    // visible points of row (s, t), cached across heads
+    const void * vis_mask; int64_t vis_s, vis_t, vis_npts; int vis_blocks;
+    int32_t * vis;      size_t vis_cap;      // visible points, ascending
+    int64_t   n_vis;
+    int32_t * vis_bcnt; size_t vis_bcnt_cap; // visible points per block for this row
+    float   * q;        size_t q_cap;
+    float   * sc;       size_t sc_cap;       // scores
+    int32_t * uni;      size_t uni_cap;      // union of attended points
+    uint32_t * stamp;   size_t stamp_cap;    // per point: == gen when in the union
+    uint32_t  gen;
+    float   * heap_s;   size_t heap_s_cap;
+    int64_t * heap_i;   size_t heap_i_cap;
+    float   * w;        size_t w_cap;        // tail: per-block weights
+    float   * tmp;      size_t tmp_cap;
+    // stream scan cache for prepare
+    const void * any_mask; int64_t any_s, any_nkv, any_ntok;
+    uint8_t * any;      size_t any_cap;
+    int32_t * unres;    size_t unres_cap;
+};
+
+struct ice_attn_state {
+    struct ice_attn_params p;
+    struct ice_head   * heads[ICE_MAX_HEADS];
+    struct ice_thread * threads[ICE_MAX_THREADS];
+};
+
+// Validates io; fills the common sizes.
+struct ice_dims {
+    int64_t d_k, d_v, n_tok, n_head, n_head_kv, n_stream, n_kv, gqa;
+};
+enum ice_status ice_attn_check_io(const struct ice_attn_io * io, struct ice_dims * dm);
+
+static inline const void * ice_mask_row(const struct ice_attn_io * io, int64_t t, int64_t s) {
+    return ice_view_ptr(&io->mask, 0, t, 0, io->mask.ne[3] == 1 ? 0 : s);
+}
+
+static inline float * ice_out_row(const struct ice_attn_io * io, int64_t s, int64_t t, int64_t h) {
+    return (float *)(void *)((char *)io->out.data + h * io->out.nb[1] + t * io->out.nb[2] + s * io->out.nb[3]);
+}
+
+// tail.c
+int  ice_tail_prepare(struct ice_head * hd, int64_t block_size);
+// Adds the estimate of the visible points outside the union to a row: given the union
+// `uni` (n_uni points) with scores sc (scale*q.k + mask, already computed), writes per-union
+// weights and the output. Returns 0 on success.
+int  ice_tail_row(const struct ice_head * hd, struct ice_thread * th, int64_t block_size, float scale,
+        const float * q, const int32_t * uni, int64_t n_uni, float * sc, float * out);
+
+#endif

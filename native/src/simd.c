@@ -1,0 +1,157 @@
+// simd.c - dot product, axpy and f16 row conversion with run-time dispatch.
+//
+// x86-64 with GCC/Clang: AVX-512F and AVX2+FMA(+F16C) variants are compiled with
+// target attributes and picked once with __builtin_cpu_supports. Elsewhere (aarch64,
+// other compilers) only the portable loops are built; -O3 vectorises them.
+
+#include "ice_internal.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define ICE_X86_DISPATCH 1
+#include <immintrin.h>
+#endif
+
+// ---- portable -------------------------------------------------------------
+
+static float dot_scalar(const float * a, const float * b, int64_t n) {
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += a[i] * b[i]; s1 += a[i + 1] * b[i + 1];
+        s2 += a[i + 2] * b[i + 2]; s3 += a[i + 3] * b[i + 3];
+    }
+    for (; i < n; i++) s0 += a[i] * b[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
+static void axpy_scalar(float * y, float a, const float * x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static void f16_scalar(float * dst, const uint16_t * src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = ice_f16_to_f32(src[i]);
+}
+
+#ifdef ICE_X86_DISPATCH
+// ---- AVX2 + FMA + F16C ----------------------------------------------------
+
+__attribute__((target("avx2,fma")))
+static float dot_avx2(const float * a, const float * b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i),     _mm256_loadu_ps(b + i),     s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s0 = _mm256_add_ps(s0, s1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float s = _mm_cvtss_f32(h);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+__attribute__((target("avx2,fma")))
+static void axpy_avx2(float * y, float a, const float * x, int64_t n) {
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+__attribute__((target("avx2,f16c")))
+static void f16_f16c(float * dst, const uint16_t * src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = ice_f16_to_f32(src[i]);
+}
+
+// ---- AVX-512F --------------------------------------------------------------
+
+__attribute__((target("avx512f")))
+static float dot_avx512(const float * a, const float * b, int64_t n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i),      _mm512_loadu_ps(b + i),      s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    if (i < n) {
+        const __mmask16 mk = (__mmask16)((1u << (n - i)) - 1u);
+        s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + i), _mm512_maskz_loadu_ps(mk, b + i), s1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+__attribute__((target("avx512f")))
+static void axpy_avx512(float * y, float a, const float * x, int64_t n) {
+    const __m512 va = _mm512_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    if (i < n) {
+        const __mmask16 mk = (__mmask16)((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_ps(y + i, mk, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(mk, x + i), _mm512_maskz_loadu_ps(mk, y + i)));
+    }
+}
+#endif
+
+// ---- dispatch ----------------------------------------------------------------
+
+enum { LVL_UNSET = 0, LVL_SCALAR = 1, LVL_AVX2 = 2, LVL_AVX512 = 3 };
+static int g_level = LVL_UNSET;
+
+static int simd_level(void) {
+    int lvl = __atomic_load_n(&g_level, __ATOMIC_RELAXED);
+    if (lvl != LVL_UNSET) return lvl;
+    lvl = LVL_SCALAR;
+#ifdef ICE_X86_DISPATCH
+    __builtin_cpu_init();
+    const char * env = getenv("ICEFORMER_SIMD");   // "scalar" / "avx2" caps the level (tests)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) lvl = LVL_AVX2;
+    if (lvl == LVL_AVX2 && __builtin_cpu_supports("avx512f")) lvl = LVL_AVX512;
+    if (env && strcmp(env, "scalar") == 0) lvl = LVL_SCALAR;
+    if (env && strcmp(env, "avx2") == 0 && lvl > LVL_AVX2) lvl = LVL_AVX2;
+#endif
+    __atomic_store_n(&g_level, lvl, __ATOMIC_RELAXED);
+    return lvl;
+}
+
+const char * ice_simd_name(void) {
+    switch (simd_level()) {
+        case LVL_AVX512: return "avx512";
+        case LVL_AVX2:   return "avx2";
+        default:         return "scalar";
+    }
+}
+
+float ice_dot(const float * a, const float * b, int64_t n) {
+#ifdef ICE_X86_DISPATCH
+    switch (simd_level()) {
+        case LVL_AVX512: return dot_avx512(a, b, n);
+        case LVL_AVX2:   return dot_avx2(a, b, n);
+        default: break;
+    }
+#endif
+    return dot_scalar(a, b, n);
+}
+
+void ice_axpy(float * y, float a, const float * x, int64_t n) {
+#ifdef ICE_X86_DISPATCH
+    switch (simd_level()) {
+        case LVL_AVX512: axpy_avx512(y, a, x, n); return;
+        case LVL_AVX2:   axpy_avx2(y, a, x, n); return;
+        default: break;
+    }
+#endif
+    axpy_scalar(y, a, x, n);
+}
+
+void ice_f16_row_to_f32(float * dst, const uint16_t * src, int64_t n) {
+#ifdef ICE_X86_DISPATCH
+    if (simd_level() >= LVL_AVX2) { f16_f16c(dst, src, n); return; }
+#endif
+    f16_scalar(dst, src, n);
+}

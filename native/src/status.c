@@ -1,0 +1,90 @@
+// status.c - status strings, default parameters and small shared utilities.
+
+#include "ice_internal.h"
+
+const char * ice_status_str(enum ice_status status) {
+    switch (status) {
+        case ICE_STATUS_OK:           return "ok";
+        case ICE_STATUS_INVALID_ARG:  return "invalid argument";
+        case ICE_STATUS_NO_MEMORY:    return "out of memory";
+        case ICE_STATUS_UNSUPPORTED:  return "unsupported";
+        case ICE_STATUS_NOT_FOUND:    return "not found";
+        case ICE_STATUS_DUPLICATE_ID: return "duplicate id";
+    }
+    return "unknown status";
+}
+
+struct ice_index_params ice_index_default_params(void) {
+    struct ice_index_params p;
+    memset(&p, 0, sizeof p);
+    p.kind            = ICE_INDEX_DCI;
+    p.dim             = 0;
+    p.n_composite     = 4;
+    p.n_simple        = 1;
+    p.visit_budget    = 0;
+    p.retrieve_budget = 0;
+    p.seed            = 0x1ce0f0a2d5eedULL;
+    return p;
+}
+
+struct ice_attn_params ice_attn_default_params(void) {
+    struct ice_attn_params p;
+    memset(&p, 0, sizeof p);
+    p.top_k           = 64;
+    p.n_sinks         = 4;
+    p.window          = 64;
+    p.block_size      = 64;
+    p.min_n_kv        = 512;
+    p.n_composite     = 4;
+    p.n_simple        = 1;
+    p.visit_budget    = 0;
+    p.retrieve_budget = 0;
+    p.seed            = 0x1ce0f0a2d5eedULL;
+    p.exact_search    = false;
+    p.tail_estimate   = true;
+    return p;
+}
+
+int ice_reserve(void ** buf, size_t * cap, size_t n, int keep) {
+    if (n <= *cap && *buf) return 0;
+    size_t want = *cap ? *cap : 64;
+    while (want < n) want = want / 2 * 3 + 64;
+    void * p;
+    if (keep) {
+        p = realloc(*buf, want);
+        if (!p) return -1;
+    } else {
+        p = malloc(want);
+        if (!p) return -1;
+        free(*buf);
+    }
+    if (keep == 2) memset((char *)p + *cap, 0, want - *cap);
+    *buf = p;
+    *cap = want;
+    return 0;
+}
+
+void ice_view_load_row(const struct ice_view * v, int64_t i1, int64_t i2, int64_t i3, float * dst) {
+    const char * p = ice_view_ptr(v, 0, i1, i2, i3);
+    const int64_t n = v->ne[0];
+    const size_t es = ice_type_size(v->type);
+    if (v->nb[0] == es) {
+        if (v->type == ICE_TYPE_F32) memcpy(dst, p, (size_t)n * 4);
+        else ice_f16_row_to_f32(dst, (const uint16_t *)(const void *)p, n);
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) dst[i] = ice_load(v->type, p + i * (int64_t)v->nb[0]);
+}
+
+void ice_topk_sort(struct ice_topk * h) {
+    // insertion sort: k is small (hundreds at most)
+    for (int32_t i = 1; i < h->n; i++) {
+        const float s = h->score[i];
+        const int64_t id = h->id[i];
+        int32_t j = i - 1;
+        while (j >= 0 && (h->score[j] < s || (h->score[j] == s && h->id[j] > id))) {
+            h->score[j + 1] = h->score[j]; h->id[j + 1] = h->id[j]; j--;
+        }
+        h->score[j + 1] = s; h->id[j + 1] = id;
+    }
+}

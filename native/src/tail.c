@@ -1,0 +1,89 @@
+// tail.c - block-summary estimate of the keys a row does not attend exactly.
+//
+// Block b holds the points with cells in [b*B, (b+1)*B): their count, key sum and value sum.
+// For a row, the "rest" of a block is its visible points outside the exact union U. The rest
+// enters the softmax as one logit z_b = scale * q.mean_k_rest + log(n_rest) with value
+// mean_v_rest: n_rest * exp(scale q.mean_k) approximates the sum of the rest's exp(scores).
+// A block fully visible to the row uses its sums minus the union's keys and values; a block
+// the mask cuts (causal boundary, other sequences) is summed over its visible rest directly.
+
+#include "attn_internal.h"
+
+int ice_tail_prepare(struct ice_head * h, int64_t B) {
+    const int64_t nb = (h->n_kv + B - 1) / B, dk = h->d_k, dv = h->d_v;
+    if (ICE_RESERVE(&h->bcount, &h->bcount_cap, nb, 0) ||
+        ICE_RESERVE(&h->bk, &h->bk_cap, nb * dk, 0) ||
+        ICE_RESERVE(&h->bv, &h->bv_cap, nb * dv, 0)) {
+        return -1;
+    }
+    h->n_blocks = nb;
+    memset(h->bcount, 0, (size_t)nb * sizeof(int32_t));
+    memset(h->bk, 0, (size_t)(nb * dk) * sizeof(float));
+    memset(h->bv, 0, (size_t)(nb * dv) * sizeof(float));
+    for (int64_t i = 0; i < h->n_pts; i++) {
+        const int64_t b = h->cells[i] / B;
+        h->bcount[b]++;
+        ice_axpy(h->bk + b * dk, 1.0f, h->k32 + i * dk, dk);
+        ice_axpy(h->bv + b * dv, 1.0f, h->v32 + i * dv, dv);
+    }
+    return 0;
+}
+
+int ice_tail_row(const struct ice_head * h, struct ice_thread * th, int64_t B, float scale,
+        const float * q, const int32_t * uni, int64_t nu, float * sc, float * o) {
+    const int64_t nb = h->n_blocks, dk = h->d_k, dv = h->d_v;
+    if (ICE_RESERVE(&th->w, &th->w_cap, 3 * nb + 1, 0) || ICE_RESERVE(&th->tmp, &th->tmp_cap, nu + 1, 0)) return -1;
+    float * rest = th->w;            // n_rest per block
+    float * qs   = th->w + nb;       // q . (sum of rest keys), then z_b
+    float * coef = th->w + 2 * nb;   // P_b / n_rest
+    const uint32_t gen = th->gen;
+    const int32_t * bcnt = th->vis_bcnt;
+    for (int64_t b = 0; b < nb; b++) {
+        rest[b] = (float)bcnt[b];
+        qs[b] = (bcnt[b] > 0 && bcnt[b] == h->bcount[b]) ? ice_dot(q, h->bk + b * dk, dk) : 0.0f;
+    }
+    for (int64_t i = 0; i < nu; i++) {
+        const int64_t b = h->cells[uni[i]] / B;
+        rest[b] -= 1.0f;
+        if (bcnt[b] == h->bcount[b]) qs[b] -= ice_dot(q, h->k32 + (int64_t)uni[i] * dk, dk);
+    }
+    // partial blocks: sum the visible rest directly
+    for (int64_t i = 0; i < th->n_vis; i++) {
+        const int32_t pt = th->vis[i];
+        const int64_t b = h->cells[pt] / B;
+        if (bcnt[b] != h->bcount[b] && th->stamp[pt] != gen) qs[b] += ice_dot(q, h->k32 + (int64_t)pt * dk, dk);
+    }
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < nu; i++) if (sc[i] > mx) mx = sc[i];
+    for (int64_t b = 0; b < nb; b++) {
+        if (rest[b] > 0.5f) {
+            qs[b] = scale * qs[b] / rest[b] + logf(rest[b]);
+            if (qs[b] > mx) mx = qs[b];
+        }
+    }
+    float sum = 0;
+    for (int64_t i = 0; i < nu; i++) { sc[i] = expf(sc[i] - mx); sum += sc[i]; }
+    for (int64_t b = 0; b < nb; b++) {
+        if (rest[b] > 0.5f) { coef[b] = expf(qs[b] - mx); sum += coef[b]; coef[b] /= rest[b]; }
+        else coef[b] = 0.0f;
+    }
+    memset(o, 0, (size_t)dv * sizeof(float));
+    for (int64_t i = 0; i < nu; i++) {
+        const int64_t b = h->cells[uni[i]] / B;
+        const float wgt = sc[i] - (bcnt[b] == h->bcount[b] ? coef[b] : 0.0f);
+        ice_axpy(o, wgt, h->v32 + (int64_t)uni[i] * dv, dv);
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        if (coef[b] != 0.0f && bcnt[b] == h->bcount[b]) ice_axpy(o, coef[b], h->bv + b * dv, dv);
+    }
+    for (int64_t i = 0; i < th->n_vis; i++) {
+        const int32_t pt = th->vis[i];
+        const int64_t b = h->cells[pt] / B;
+        if (bcnt[b] != h->bcount[b] && th->stamp[pt] != gen && coef[b] != 0.0f) {
+            ice_axpy(o, coef[b], h->v32 + (int64_t)pt * dv, dv);
+        }
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t d = 0; d < dv; d++) o[d] *= inv;
+    return 0;
+}

@@ -1,0 +1,48 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args, input=None, timeout=600, env=None):
+    """Runs `python -m iceformer_llama ARGS` as a user would; returns the CompletedProcess."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env.pop("ICEFORMER_LLAMA_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "iceformer_llama", *map(str, args)], input=input,
+                          capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+
+
+def assert_one_line_error(proc, *fragments):
+    """A user error: non-zero exit, no traceback, one line on stderr naming the problem."""
+    assert proc.returncode not in (0, None) and proc.returncode > 0, (proc.returncode, proc.stderr)
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.fixture(scope="session")
+def bundled_model():
+    from iceformer_llama.models import bundled_model_path
+
+    path = bundled_model_path()
+    if path is None:
+        pytest.fail("the bundled model is not fetched; run: python -m iceformer_llama setup")
+    return path
+
+
+@pytest.fixture(scope="session")
+def builds():
+    """Both builds must exist (make test builds them once per run)."""
+    from iceformer_llama.build import find_build
+
+    found = {kind: find_build(kind) for kind in ("patched", "stock")}
+    missing = [k for k, v in found.items() if v is None or not v.current]
+    if missing:
+        pytest.fail(f"missing or outdated builds: {missing}; run: python -m iceformer_llama setup --stock")
+    return found

@@ -1,0 +1,94 @@
+"""Shared helpers of the native tests: the compiled module, a float64 reference, masks, data.
+
+Not a conftest.py (the project's conftest.py is elsewhere): the tests import it by name.
+"""
+
+import importlib
+
+import numpy as np
+
+
+def load_native():
+    """iceformer_llama.native, building the cffi module in place first if it is missing."""
+    try:
+        return importlib.import_module("iceformer_llama.native")
+    except ImportError:
+        import os
+        import sys
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        sys.path.insert(0, os.path.join(root, "iceformer_llama"))
+        try:
+            import _native_build
+        finally:
+            sys.path.pop(0)
+        _native_build.build_in_place()
+        importlib.invalidate_caches()
+        return importlib.import_module("iceformer_llama.native")
+
+
+def reference_attention(q, k, v, mask, scale):
+    """float64 dense attention. q (S,H,T,D), k (S,Hk,N,D), v (S,Hk,N,Dv), mask (S|1,R>=T,N).
+    Rows with no visible key give zeros. Returns (S,T,H,Dv)."""
+    q = q.astype(np.float64)
+    k = k.astype(np.float64)
+    v = v.astype(np.float64)
+    S, H, T, _ = q.shape
+    G = H // k.shape[1]
+    k = np.repeat(k, G, axis=1)
+    v = np.repeat(v, G, axis=1)
+    m = mask.astype(np.float64)[:, :T, :]                    # (S|1, T, N)
+    sc = np.einsum("shtd,shnd->shtn", q, k) * scale + m[:, None, :, :]
+    vis = np.isfinite(sc)
+    mx = np.where(vis, sc, -np.inf).max(axis=-1, keepdims=True)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
+    p = np.where(vis, np.exp(sc - mx), 0.0)
+    den = p.sum(axis=-1, keepdims=True)
+    out = np.einsum("shtn,shnd->shtd", p, v) / np.where(den > 0, den, 1.0)
+    return out.transpose(0, 2, 1, 3)
+
+
+def nmse(out, ref):
+    out = np.asarray(out, dtype=np.float64)
+    den = float(np.sum(ref * ref))
+    err = float(np.sum((out - ref) ** 2))
+    return err / den if den > 0 else err
+
+
+def make_mask(kind, n_kv, n_tok, n_rows, rng, dtype=np.float32):
+    """(n_rows, n_kv) mask; rows >= n_tok are padding (all hidden). The ubatch's tokens sit at
+    the last n_tok positions of the cache (cells 0..n_kv-1 in order).
+      causal:  row t sees cells j <= n_kv - n_tok + t
+      two_seq: cells alternate between sequence 0 and 1, row t is in sequence t % 2 and sees its
+               own sequence's cells j <= n_kv - n_tok + t
+      single:  row t sees exactly one random cell
+      random:  each cell visible with probability 0.6; every 5th row sees nothing
+    """
+    m = np.full((n_rows, n_kv), -np.inf, dtype=np.float64)
+    base = n_kv - n_tok
+    j = np.arange(n_kv)
+    for t in range(n_tok):
+        if kind == "causal":
+            m[t, j <= base + t] = 0
+        elif kind == "two_seq":
+            m[t, (j <= base + t) & (j % 2 == t % 2)] = 0
+        elif kind == "single":
+            m[t, rng.integers(0, n_kv)] = 0
+        elif kind == "random":
+            if t % 5 != 4:
+                m[t, rng.random(n_kv) < 0.6] = 0
+        else:
+            raise ValueError(kind)
+    return m.astype(dtype)
+
+
+def structured_keys(rng, n, d, rank=8, n_big=2):
+    """Attention-like keys: a low-rank part, noise, a shared offset and a few large-norm
+    directions carried by a minority of keys."""
+    basis = rng.standard_normal((rank, d))
+    k = rng.standard_normal((n, rank)) @ basis * 0.7 + 0.35 * rng.standard_normal((n, d))
+    k += 0.8 * rng.standard_normal(d)                       # keys share a mean offset
+    big = rng.standard_normal((n_big, d)) * 3.0
+    sel = rng.random(n) < 0.05
+    k[sel] += big[rng.integers(0, n_big, sel.sum())]
+    return k.astype(np.float32)

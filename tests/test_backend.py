@@ -1,0 +1,94 @@
+"""One backend per process, chosen before llama_cpp loads; clear refusals otherwise."""
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run_py(code, env=None, timeout=300):
+    import os
+    full = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=full,
+                          timeout=timeout)
+
+
+def test_the_environment_variable_selects_stock(builds, bundled_model):
+    code = ("import os, iceformer_llama as il\n"
+            "llm = il.Llama(None, n_ctx=64)\n"
+            "print(llm.backend, os.environ['LLAMA_CPP_LIB_PATH'])\n")
+    proc = run_py(code, env={"ICEFORMER_LLAMA_BACKEND": "stock"})
+    assert proc.returncode == 0, proc.stderr
+    name, lib = proc.stdout.split()
+    assert name == "stock" and lib == str(builds["stock"].lib_dir)
+
+
+def test_patched_is_the_default_and_exposes_the_iceformer_api(builds, bundled_model):
+    code = ("import iceformer_llama as il\n"
+            "llm = il.Llama(None, n_ctx=64, attention='iceformer', iceformer=il.IceformerSettings(top_k=48))\n"
+            "p = llm.attention_params()\n"
+            "print(llm.backend, p['mode'], p['top_k'], p['dense_layers'])\n"
+            "llm.set_attention('dense')\n"
+            "print(llm.attention_params()['mode'])\n")
+    proc = run_py(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["patched", "iceformer", "48", "[0]", "dense"]
+
+
+def test_switching_backend_after_loading_is_refused(builds, bundled_model):
+    code = ("import iceformer_llama as il\n"
+            "il.use_backend('stock'); il.Llama(None, n_ctx=64)\n"
+            "try:\n    il.use_backend('patched')\nexcept il.IceformerError as e:\n    print('refused:', e)\n")
+    proc = run_py(code)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused: the stock backend is already loaded" in proc.stdout
+
+
+def test_llama_cpp_imported_with_other_libraries_is_refused(builds, bundled_model):
+    code = ("import os; os.environ['LLAMA_CPP_LIB_PATH'] = %r\n"
+            "import llama_cpp\n"
+            "import iceformer_llama as il\n"
+            "try:\n    il.Llama(None, n_ctx=64)\nexcept il.IceformerError as e:\n    print('refused:', e)\n"
+            % str(builds["stock"].lib_dir))
+    proc = run_py(code)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused: llama_cpp was imported before" in proc.stdout
+
+
+def test_iceformer_attention_on_stock_is_refused(builds, bundled_model):
+    code = ("import iceformer_llama as il\nil.use_backend('stock')\n"
+            "try:\n    il.Llama(None, n_ctx=64, attention='iceformer')\nexcept il.IceformerError as e:\n"
+            "    print('refused:', e)\n")
+    proc = run_py(code)
+    assert "refused: iceformer attention needs the patched backend" in proc.stdout, proc.stderr
+
+
+def test_unknown_keyword_arguments_are_errors(builds, bundled_model):
+    code = ("import iceformer_llama as il\n"
+            "try:\n    il.Llama(None, n_ctxx=64)\nexcept TypeError as e:\n    print('TypeError:', e)\n")
+    proc = run_py(code)
+    assert "TypeError: Llama() got unexpected keyword argument(s): n_ctxx" in proc.stdout, proc.stderr
+
+
+def test_a_missing_build_is_named(tmp_path):
+    code = ("import iceformer_llama as il\n"
+            "try:\n    il.Llama(None)\nexcept il.IceformerError as e:\n    print('refused:', e)\n")
+    proc = run_py(code, env={"ICEFORMER_LLAMA_CACHE": str(tmp_path)})
+    assert "refused: the patched llama.cpp is not built; run: python -m iceformer_llama build" in proc.stdout, \
+        proc.stderr
+
+
+def test_drop_in_methods(builds, bundled_model):
+    code = ("import iceformer_llama as il\n"
+            "llm = il.Llama(None, n_ctx=256, n_threads=2)\n"
+            "out = llm('The capital of France is', max_tokens=3, temperature=0)\n"
+            "print(out['choices'][0]['text'].strip().split()[0])\n"
+            "chunks = list(llm.create_completion('1, 2, 3,', max_tokens=3, temperature=0, stream=True))\n"
+            "print(len(chunks) >= 3)\n"
+            "r = llm.create_chat_completion(messages=[{'role': 'user', 'content': 'Say hi'}], max_tokens=4)\n"
+            "print(r['choices'][0]['message']['role'])\n"
+            "llm.reset(); llm.eval(llm.tokenize(b'Hello world')); print(llm.n_tokens, llm.scores.shape[1] > 1000)\n")
+    proc = run_py(code)
+    assert proc.returncode == 0, proc.stderr
+    words = proc.stdout.split()
+    assert words[0].startswith("Paris") and words[1:] == ["True", "assistant", "3", "True"], proc.stdout

@@ -1,0 +1,96 @@
+"""The commands users run, end to end on the bundled model, and their answers to bad input."""
+
+import json
+
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+
+JSON_FIELDS = {"text", "prompt_tokens", "generated_tokens", "prefill_seconds", "decode_seconds",
+               "prefill_tokens_per_second", "decode_tokens_per_second", "backend", "attention", "settings"}
+
+
+@pytest.mark.parametrize("backend,attention", [("patched", "iceformer"), ("patched", "dense"), ("stock", "dense")])
+def test_generate_json(builds, bundled_model, backend, attention):
+    proc = run_cli("generate", "--backend", backend, "--attention", attention, "-p", "The capital of France is",
+                   "-n", "6", "--ctx-size", "256", "--threads", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert JSON_FIELDS <= set(out)
+    assert out["backend"] == backend and out["attention"] == attention
+    assert out["prompt_tokens"] == 6 and out["generated_tokens"] == 6
+    assert "Paris" in out["text"]
+    assert out["prefill_seconds"] > 0 and out["decode_tokens_per_second"] > 0
+    assert out["settings"]["ctx_size"] == 256
+    assert out["settings"]["iceformer"]["mode"] == attention
+
+
+def test_generate_streams_plain_text(builds, bundled_model):
+    proc = run_cli("generate", "-p", "The capital of France is", "-n", "4", "--ctx-size", "128")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+def test_chat_with_piped_stdin(builds, bundled_model):
+    proc = run_cli("chat", "-n", "12", "--temp", "0", "--ctx-size", "1024",
+                   input="What is the capital of France?\n/reset\nSay hello.\n/exit\nnever read\n")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "Paris" in lines[0]
+    assert "(conversation cleared)" in lines
+    assert len(lines) == 3, lines
+
+
+def test_chat_says_when_the_context_is_full(builds, bundled_model):
+    long_turn = "Please repeat: " + "lorem ipsum dolor sit amet " * 40
+    proc = run_cli("chat", "-n", "8", "--temp", "0", "--ctx-size", "128", input=long_turn + "\nHi\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "context is full" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_prompt_longer_than_the_context(builds, bundled_model):
+    proc = run_cli("generate", "-p", "word " * 200, "-n", "4", "--ctx-size", "64")
+    assert_one_line_error(proc, "tokens but the context holds 64")
+
+
+def test_missing_model_file(tmp_path):
+    assert_one_line_error(run_cli("generate", "-p", "x", "--model", tmp_path / "absent.gguf"), "not found")
+
+
+def test_text_file_named_gguf(tmp_path):
+    fake = tmp_path / "notes.gguf"
+    fake.write_text("these are my notes, not a model\n")
+    assert_one_line_error(run_cli("generate", "-p", "x", "--model", fake), "not a GGUF file")
+
+
+def test_truncated_gguf(tmp_path, bundled_model):
+    cut = tmp_path / "cut.gguf"
+    with open(bundled_model, "rb") as f:
+        cut.write_bytes(f.read(1 << 20))
+    assert_one_line_error(run_cli("generate", "-p", "x", "--model", cut), "truncated")
+
+
+def test_unknown_alias():
+    assert_one_line_error(run_cli("generate", "-p", "x", "--model", "llama-9-000b"), "unknown model")
+
+
+def test_offline_download(tmp_path):
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path)}
+    assert_one_line_error(run_cli("download", "llama-2-7b", env=env, timeout=120), "hub")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("generate", "-p", "x", "--ctx-size", "0"), "--ctx-size"),
+    (("generate", "-p", "x", "-n", "-3"), "-n"),
+    (("chat", "--threads", "0"), "--threads"),
+    (("generate", "-p", "x", "--top-k", "-1"), "--top-k"),
+    (("generate", "-p", "x", "--backend", "gpu"), "--backend"),
+    (("generate",), "--prompt"),
+])
+def test_bad_arguments(args, fragment):
+    assert_one_line_error(run_cli(*args), fragment)
+
+
+def test_missing_prompt_file(tmp_path):
+    assert_one_line_error(run_cli("generate", "--prompt-file", tmp_path / "none.txt"), "cannot read prompt file")

@@ -1,0 +1,199 @@
+"""ice_attn_forward / ice_attn_dense against a float64 dense reference.
+
+Tolerance: NMSE < 1e-6. f16 K/V are converted exactly to f32, so the only error is f32
+arithmetic (dot products, exp, accumulation over up to 8192 keys): ~1e-7 relative per
+element, i.e. an NMSE around 1e-13..1e-11, far below the bound.
+"""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from conftest_native import load_native, make_mask, nmse, reference_attention, structured_keys
+
+native = load_native()
+
+# (n_kv, n_tok) pairs; the big ones are few
+SIZES = [(1, 1), (9, 1), (70, 7), (200, 32), (333, 7), (700, 32), (1100, 1), (1024, 512), (4096, 7), (8192, 1)]
+HEAD = [(64, 1), (64, 3), (128, 8), (128, 1), (64, 8), (128, 3)]      # (head_dim, gqa)
+MASKS = ["causal", "two_seq", "single", "random"]
+
+
+def _cases():
+    cases = []
+    for i, ((n_kv, n_tok), (hd, gqa), mk) in enumerate(itertools.product(SIZES, HEAD, MASKS)):
+        if n_kv >= 4096 and (hd, gqa) not in ((64, 3), (128, 8)):
+            continue
+        if n_tok > n_kv:
+            continue
+        if n_tok >= 512 and gqa == 8:
+            continue
+        kvt = "f16" if i % 2 == 0 else "f32"
+        vt = (i // 2) % 3 == 0
+        search = "exact" if (i // 3) % 2 == 0 else "dci"
+        cover = "union" if (i // 5) % 2 == 0 else "topk"
+        cases.append(pytest.param(n_kv, n_tok, hd, gqa, mk, kvt, vt, search, cover,
+                                  id=f"n_kv={n_kv},n_tok={n_tok},hd={hd},gqa={gqa},mask={mk},kv={kvt},"
+                                     f"vT={int(vt)},search={search},cover={cover}"))
+    return cases
+
+
+CASES = _cases()
+assert len(CASES) >= 200, len(CASES)
+
+
+def _data(n_kv, n_tok, hd, gqa, mk, kvt, seed, n_head_kv=None, n_stream=1):
+    rng = np.random.default_rng(seed)
+    n_head_kv = n_head_kv or (1 if n_kv * n_tok >= 200_000 else 2)
+    H = n_head_kv * gqa
+    q = rng.standard_normal((n_stream, H, n_tok, hd)).astype(np.float32)
+    k = np.stack([np.stack([structured_keys(rng, n_kv, hd) for _ in range(n_head_kv)]) for _ in range(n_stream)])
+    v = rng.standard_normal((n_stream, n_head_kv, n_kv, hd)).astype(np.float32)
+    dt = np.float16 if kvt == "f16" else np.float32
+    k, v = k.astype(dt), v.astype(dt)
+    n_rows = (n_tok + 7) // 8 * 8 + (1 if n_tok % 8 == 0 else 0)
+    mask = np.stack([make_mask(mk, n_kv, n_tok, n_rows, rng, np.float16 if kvt == "f16" else np.float32)
+                     for _ in range(n_stream)])
+    return q, k, v, mask, 1.0 / np.sqrt(hd)
+
+
+def _covering_params(n_kv, search, cover):
+    """Every visible key is attended: top_k >= n_kv; DCI budgets large enough to exhaust."""
+    kw = dict(top_k=n_kv, min_n_kv=0, exact_search=(search == "exact"), tail_estimate=False)
+    if cover == "topk":
+        kw.update(n_sinks=0, window=0)
+    if search == "dci":
+        kw.update(visit_budget=n_kv * 8, retrieve_budget=n_kv)
+    return native.AttnParams.default(**kw)
+
+
+def _vlayout(v, vt):
+    # transposed V cache: memory holds (.., d_v, n_kv); pass that buffer with v_transposed=True
+    return np.ascontiguousarray(v.swapaxes(-1, -2)) if vt else v
+
+
+@pytest.mark.parametrize("n_kv,n_tok,hd,gqa,mk,kvt,vt,search,cover", CASES)
+def test_forward_covering_matches_dense_reference(n_kv, n_tok, hd, gqa, mk, kvt, vt, search, cover):
+    q, k, v, mask, scale = _data(n_kv, n_tok, hd, gqa, mk, kvt, seed=n_kv * 31 + n_tok + hd + gqa)
+    ref = reference_attention(q, k, v, mask, scale)
+    out = native.attention(q, k, _vlayout(v, vt), mask, scale, _covering_params(n_kv, search, cover),
+                           v_transposed=vt)
+    assert np.all(np.isfinite(out))
+    assert nmse(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("n_kv,n_tok,hd,gqa,mk,kvt,vt,search,cover", CASES)
+def test_dense_matches_reference(n_kv, n_tok, hd, gqa, mk, kvt, vt, search, cover):
+    q, k, v, mask, scale = _data(n_kv, n_tok, hd, gqa, mk, kvt, seed=n_kv * 7 + n_tok + hd * gqa)
+    ref = reference_attention(q, k, v, mask, scale)
+    out = native.attention(q, k, _vlayout(v, vt), mask, scale, mode="dense", v_transposed=vt)
+    assert np.all(np.isfinite(out))
+    assert nmse(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("n_stream,mask_streams", [(2, 2), (3, 1)], ids=["streams=2,mask=2", "streams=3,mask=1"])
+@pytest.mark.parametrize("mode", ["iceformer", "dense"])
+def test_streams(n_stream, mask_streams, mode):
+    q, k, v, mask, scale = _data(600, 16, 64, 3, "causal", "f16", seed=5, n_head_kv=2, n_stream=n_stream)
+    mask = mask[:mask_streams]
+    ref = reference_attention(q, k, v, mask, scale)
+    out = native.attention(q, k, v, mask, scale, _covering_params(600, "dci", "union"), mode=mode)
+    assert nmse(out, ref) < 1e-6
+
+
+def test_noncontiguous_q():
+    q, k, v, mask, scale = _data(300, 9, 64, 3, "causal", "f32", seed=11)
+    qbig = np.zeros(q.shape[:-1] + (2 * q.shape[-1],), np.float32)
+    qbig[..., ::2] = q
+    qv = qbig[..., ::2]
+    assert not qv.flags.c_contiguous
+    ref = reference_attention(q, k, v, mask, scale)
+    for mode in ("iceformer", "dense"):
+        out = native.attention(qv, k, v, mask, scale, _covering_params(300, "exact", "union"), mode=mode)
+        assert nmse(out, ref) < 1e-6
+
+
+def test_zero_visible_rows_are_zero():
+    q, k, v, mask, scale = _data(900, 8, 64, 1, "causal", "f32", seed=3)
+    mask[:, 2, :] = -np.inf
+    for mode in ("iceformer", "dense"):
+        out = native.attention(q, k, v, mask, scale, native.AttnParams.default(min_n_kv=0), mode=mode)
+        assert np.all(out[:, 2] == 0)
+        assert np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("search", ["exact", "dci"])
+@pytest.mark.parametrize("tail", [False, True])
+def test_causality(search, tail):
+    """Changing keys/values of cells after position p does not change rows <= p."""
+    n_kv, n_tok = 2000, 64
+    q, k, v, mask, scale = _data(n_kv, n_tok, 64, 3, "causal", "f16", seed=8)
+    params = native.AttnParams.default(top_k=32, min_n_kv=100, exact_search=(search == "exact"), tail_estimate=tail)
+    out1 = native.attention(q, k, v, mask, scale, params)
+    t = 40
+    p = n_kv - n_tok + t
+    rng = np.random.default_rng(1)
+    k2, v2 = k.copy(), v.copy()
+    k2[:, :, p + 1:] = rng.standard_normal(k2[:, :, p + 1:].shape).astype(k.dtype) * 4
+    v2[:, :, p + 1:] = rng.standard_normal(v2[:, :, p + 1:].shape).astype(v.dtype) * 4
+    out2 = native.attention(q, k2, v2, mask, scale, params)
+    assert np.array_equal(out1[:, : t + 1], out2[:, : t + 1])
+    assert not np.array_equal(out1[:, t + 1:], out2[:, t + 1:])
+
+
+@pytest.mark.parametrize("search", ["exact", "dci"])
+@pytest.mark.parametrize("tail", [False, True])
+@pytest.mark.parametrize("n_tok", [1, 48])
+def test_threads_bit_identical(search, tail, n_tok):
+    q, k, v, mask, scale = _data(3000, n_tok, 64, 3, "two_seq" if n_tok > 1 else "causal", "f16", seed=9)
+    params = native.AttnParams.default(top_k=32, min_n_kv=200, exact_search=(search == "exact"), tail_estimate=tail)
+    out1 = native.attention(q, k, v, mask, scale, params, n_threads=1)
+    out3 = native.attention(q, k, v, mask, scale, params, n_threads=3)
+    assert np.array_equal(out1, out3)
+    d1 = native.attention(q, k, v, mask, scale, mode="dense", n_threads=1)
+    d3 = native.attention(q, k, v, mask, scale, mode="dense", n_threads=3)
+    assert np.array_equal(d1, d3)
+
+
+def test_state_reuse_across_calls():
+    """A state prepared for one io then another (different n_kv) gives the same as fresh states."""
+    params = native.AttnParams.default(top_k=16, min_n_kv=64)
+    with native.AttentionState(params) as st:
+        for n_kv, seed in ((500, 1), (1500, 2), (300, 3)):
+            q, k, v, mask, scale = _data(n_kv, 16, 64, 3, "causal", "f16", seed=seed)
+            a = native.attention(q, k, v, mask, scale, state=st)
+            b = native.attention(q, k, v, mask, scale, params)
+            assert np.array_equal(a, b)
+        assert st.memory() > 0
+
+
+def test_forward_without_prepare_is_an_error():
+    q, k, v, mask, scale = _data(300, 4, 64, 1, "causal", "f32", seed=4)
+    ffi, lib = native.ffi, native.lib
+    with native.AttentionState() as st:
+        out = np.zeros((1, 4, q.shape[1], 64), np.float32)
+        io = ffi.new("struct ice_attn_io *")
+        for name, arr in (("q", q), ("k", k), ("v", v), ("mask", mask[:, None]), ("out", out)):
+            view, _ = native._view(arr, 4, name, (arr.dtype,))
+            setattr(io, name, view[0])
+        io.scale = scale
+        assert lib.ice_attn_forward(st._handle(), io, 0, 1) == lib.ICE_STATUS_INVALID_ARG
+        assert lib.ice_attn_prepare(st._handle(), io, 0, 1) == lib.ICE_STATUS_OK
+        assert lib.ice_attn_forward(st._handle(), io, 0, 1) == lib.ICE_STATUS_OK
+
+
+def test_bad_io_raises():
+    q, k, v, mask, scale = _data(100, 4, 64, 3, "causal", "f32", seed=4)
+    with pytest.raises(native.NativeError):
+        native.attention(q, k[..., :32], v, mask, scale)            # d_k disagrees
+    with pytest.raises(native.NativeError):
+        native.attention(q, k, v, mask[..., :50], scale)            # mask narrower than n_kv
+    with pytest.raises(native.NativeError):
+        native.attention(q[:, :5], k, v, mask, scale)               # 5 heads over 2 KV heads
+    with pytest.raises(TypeError):
+        native.attention(q.astype(np.float16), k, v, mask, scale)
+    with pytest.raises(native.NativeError):
+        native.AttnParams.default(top_k=-1) and native.AttentionState(native.AttnParams.default(top_k=-1))
+    with pytest.raises(TypeError):
+        native.AttnParams.default(topk=3)

@@ -1,0 +1,52 @@
+"""The patch series: listed, documented, and applying cleanly to the pinned source."""
+
+import re
+import shutil
+
+import pytest
+
+from iceformer_llama import _pins
+from iceformer_llama.errors import BuildError
+from iceformer_llama.source import PATCH_DIR, apply_series, fetch_sdist, patch_paths, prepare_tree
+
+
+def test_every_patch_is_pinned_and_in_the_readme_table():
+    on_disk = sorted(p.name for p in PATCH_DIR.glob("*.patch"))
+    assert on_disk == sorted(_pins.PATCHES)
+    table = (PATCH_DIR / "README.md").read_text()
+    rows = re.findall(r"^\|\s*`?([0-9]{4}-[^|`]+\.patch)`?\s*\|", table, flags=re.M)
+    assert sorted(rows) == on_disk
+
+
+def test_patches_are_git_format_patch_with_a_why():
+    for patch in patch_paths():
+        text = patch.read_text()
+        assert text.startswith("From ") and "\nSubject: [PATCH" in text, patch.name
+        body = text.split("\n\n", 1)[1].split("\n---\n", 1)[0]
+        assert "Why:" in body, f"{patch.name} does not say why"
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    return prepare_tree(tmp_path_factory.mktemp("src") / "llama.cpp", patched=False, sdist=fetch_sdist())
+
+
+def test_series_applies_cleanly_to_the_pinned_source(pristine, tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(pristine, tree)
+    apply_series(tree, patch_paths())
+    assert "llama_set_iceformer_params" in (tree / "include" / "llama.h").read_text()
+    assert (tree / "src" / "llama-iceformer.cpp").exists()
+
+
+def test_a_patch_that_does_not_apply_is_named_with_its_file(pristine, tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(pristine, tree)
+    graph = tree / "src" / "llama-graph.cpp"
+    # Upstream moved on: the context the hook patches is gone.
+    graph.write_text(graph.read_text().replace("q = ggml_permute(ctx0, q, 0, 2, 1, 3);", "q = permuted(q);"))
+    with pytest.raises(BuildError) as err:
+        apply_series(tree, patch_paths())
+    msg = str(err.value)
+    assert _pins.PATCHES[0] in msg and "src/llama-graph.cpp" in msg
+    assert "\n" not in msg
