@@ -13,7 +13,7 @@ from .settings import ATTENTION_MODES, IceformerSettings
 _FORWARDED = (
     "tokenize", "detokenize", "reset", "eval", "sample", "generate", "create_completion",
     "create_chat_completion", "create_chat_completion_openai_v1", "create_embedding", "embed",
-    "save_state", "load_state", "n_ctx", "n_embd", "n_vocab", "token_bos", "token_eos", "tokenizer",
+    "save_state", "load_state", "n_embd", "n_vocab", "token_bos", "token_eos", "tokenizer",
     "set_seed", "logits_to_logprobs",
 )
 
@@ -81,6 +81,10 @@ class Llama:
         return backend.iceformer_api().memory(self._llm.ctx) if self.backend == "patched" else 0
 
     # -- the llama_cpp.Llama surface --------------------------------------------------------
+    def n_ctx(self) -> int:
+        """Usable context: llama.cpp may round its context up, llama_cpp's buffers keep the size asked for."""
+        return min(self._llm.n_ctx(), len(self._llm.input_ids))
+
     def __call__(self, *args, **kwargs):
         return self._llm(*args, **kwargs)
 

@@ -44,7 +44,10 @@ def test_a_patch_that_does_not_apply_is_named_with_its_file(pristine, tmp_path):
     shutil.copytree(pristine, tree)
     graph = tree / "src" / "llama-graph.cpp"
     # Upstream moved on: the context the hook patches is gone.
-    graph.write_text(graph.read_text().replace("q = ggml_permute(ctx0, q, 0, 2, 1, 3);", "q = permuted(q);"))
+    text = graph.read_text()
+    hooked = "const bool use_flash_attn = cparams.flash_attn && kq_b == nullptr;"
+    assert text.count(hooked) == 1
+    graph.write_text(text.replace(hooked, "const bool use_flash_attn = wants_flash_attn(cparams, kq_b);"))
     with pytest.raises(BuildError) as err:
         apply_series(tree, patch_paths())
     msg = str(err.value)

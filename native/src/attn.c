@@ -173,7 +173,7 @@ static enum ice_status prepare_head(struct ice_attn_state * st, struct ice_threa
 enum ice_status ice_attn_prepare(struct ice_attn_state * st, const struct ice_attn_io * io, int ith, int nth) {
     if (!st || nth < 1 || nth > ICE_MAX_THREADS || ith < 0 || ith >= nth) return ICE_STATUS_INVALID_ARG;
     struct ice_dims dm;
-    enum ice_status rc = ice_attn_check_io(io, &dm);
+    enum ice_status rc = ice_attn_check_io(io, &dm, false);
     if (rc != ICE_STATUS_OK) return rc;
     if (dm.n_stream * dm.n_head_kv > ICE_MAX_HEADS) return ICE_STATUS_UNSUPPORTED;
     struct ice_thread * th = get_thread(st, ith);
@@ -313,7 +313,7 @@ static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread
 enum ice_status ice_attn_forward(struct ice_attn_state * st, const struct ice_attn_io * io, int ith, int nth) {
     if (!st || nth < 1 || nth > ICE_MAX_THREADS || ith < 0 || ith >= nth) return ICE_STATUS_INVALID_ARG;
     struct ice_dims dm;
-    enum ice_status rc = ice_attn_check_io(io, &dm);
+    enum ice_status rc = ice_attn_check_io(io, &dm, true);
     if (rc != ICE_STATUS_OK) return rc;
     if (dm.n_stream * dm.n_head_kv > ICE_MAX_HEADS) return ICE_STATUS_UNSUPPORTED;
     struct ice_thread * th = get_thread(st, ith);

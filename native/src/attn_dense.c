@@ -9,12 +9,13 @@ static int view_ok(const struct ice_view * v) {
     return 1;
 }
 
-enum ice_status ice_attn_check_io(const struct ice_attn_io * io, struct ice_dims * dm) {
+enum ice_status ice_attn_check_io(const struct ice_attn_io * io, struct ice_dims * dm, bool need_out) {
     if (!io) return ICE_STATUS_INVALID_ARG;
-    if (!view_ok(&io->q) || !view_ok(&io->k) || !view_ok(&io->v) || !view_ok(&io->mask) || !view_ok(&io->out)) {
+    if (!view_ok(&io->q) || !view_ok(&io->k) || !view_ok(&io->v) || !view_ok(&io->mask)) {
         return ICE_STATUS_INVALID_ARG;
     }
-    if (io->q.type != ICE_TYPE_F32 || io->out.type != ICE_TYPE_F32) return ICE_STATUS_UNSUPPORTED;
+    if (need_out && !view_ok(&io->out)) return ICE_STATUS_INVALID_ARG;
+    if (io->q.type != ICE_TYPE_F32 || (need_out && io->out.type != ICE_TYPE_F32)) return ICE_STATUS_UNSUPPORTED;
     if (!isfinite(io->scale)) return ICE_STATUS_INVALID_ARG;
     dm->d_k = io->q.ne[0]; dm->n_tok = io->q.ne[1]; dm->n_head = io->q.ne[2]; dm->n_stream = io->q.ne[3];
     dm->d_v = io->v.ne[0]; dm->n_kv = io->k.ne[1]; dm->n_head_kv = io->k.ne[2];
@@ -27,6 +28,7 @@ enum ice_status ice_attn_check_io(const struct ice_attn_io * io, struct ice_dims
         return ICE_STATUS_INVALID_ARG;
     }
     if (io->mask.nb[0] != ice_type_size(io->mask.type)) return ICE_STATUS_UNSUPPORTED;   // rows must be contiguous
+    if (!need_out) return ICE_STATUS_OK;   // prepare never writes the output
     const struct ice_view * o = &io->out;
     if (o->ne[0] != dm->d_v || o->ne[1] != dm->n_head || o->ne[2] != dm->n_tok || o->ne[3] != dm->n_stream) {
         return ICE_STATUS_INVALID_ARG;
@@ -42,7 +44,7 @@ enum ice_status ice_attn_check_io(const struct ice_attn_io * io, struct ice_dims
 enum ice_status ice_attn_dense(const struct ice_attn_io * io, int ith, int nth) {
     struct ice_dims dm;
     if (nth < 1 || ith < 0 || ith >= nth) return ICE_STATUS_INVALID_ARG;
-    enum ice_status st = ice_attn_check_io(io, &dm);
+    enum ice_status st = ice_attn_check_io(io, &dm, true);
     if (st != ICE_STATUS_OK) return st;
     const int64_t G = dm.gqa, dk = dm.d_k, dv = dm.d_v, n_kv = dm.n_kv;
     float * q   = malloc((size_t)(G * dk) * sizeof(float));

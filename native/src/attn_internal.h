@@ -61,7 +61,8 @@ struct ice_attn_state {
 struct ice_dims {
     int64_t d_k, d_v, n_tok, n_head, n_head_kv, n_stream, n_kv, gqa;
 };
-enum ice_status ice_attn_check_io(const struct ice_attn_io * io, struct ice_dims * dm);
+// need_out: also check io->out (forward/dense); prepare passes false, it has no output yet.
+enum ice_status ice_attn_check_io(const struct ice_attn_io * io, struct ice_dims * dm, bool need_out);
 
 static inline const void * ice_mask_row(const struct ice_attn_io * io, int64_t t, int64_t s) {
     return ice_view_ptr(&io->mask, 0, t, 0, io->mask.ne[3] == 1 ? 0 : s);
