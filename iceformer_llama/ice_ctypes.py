@@ -25,6 +25,7 @@ class llama_iceformer_params(ctypes.Structure):
         ("n_simple", ctypes.c_int32),
         ("visit_budget", ctypes.c_int32),
         ("retrieve_budget", ctypes.c_int32),
+        ("top_blocks", ctypes.c_int32),
         ("seed", ctypes.c_uint64),
         ("dense_layers", ctypes.c_uint64 * 4),
         ("exact_search", ctypes.c_bool),

@@ -196,6 +196,7 @@ class AttnParams:
     n_simple: int
     visit_budget: int
     retrieve_budget: int
+    top_blocks: int
     seed: int
     exact_search: bool
     tail_estimate: bool

@@ -31,6 +31,7 @@ class IceformerSettings:
     n_simple: int | None = _knob("--dci-m", "DCI simple indices per composite index (m)")
     visit_budget: int | None = _knob("--visit-budget", "DCI keys visited per composite index, 0 = automatic")
     retrieve_budget: int | None = _knob("--retrieve-budget", "DCI candidates scored exactly, 0 = automatic")
+    top_blocks: int | None = _knob("--top-blocks", "blocks with the largest q.mean-key attended exactly, 0 = off")
     seed: int | None = _knob("--dci-seed", "seed of the DCI random projections")
     dense_layers: tuple[int, ...] | None = _knob("--dense-layers", "comma-separated layers kept dense", kind="layers")
     exact_search: bool | None = _knob("--exact-search", "brute-force top-k instead of DCI (reference)", kind=bool)

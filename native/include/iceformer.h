@@ -140,6 +140,8 @@ struct ice_attn_params {
     int32_t  n_simple;        // DCI m
     int32_t  visit_budget;    // DCI keys visited per composite index per query; 0 = automatic
     int32_t  retrieve_budget; // DCI candidates scored exactly per query; 0 = automatic
+    int32_t  top_blocks;      // coarse search: the fully visible blocks (block_size keys) with the largest
+                              // q . mean key are attended exactly, all their keys; 0 = off
     uint64_t seed;            // DCI projection seed
     bool     exact_search;    // use the brute-force index instead of DCI (oracle / debugging)
     bool     tail_estimate;   // add the block-summary estimate of keys not attended exactly

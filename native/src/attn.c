@@ -14,7 +14,7 @@ static enum ice_status check_params(const struct ice_attn_params * p) {
     if (p->top_k < 0 || p->n_sinks < 0 || p->window < 0 || p->block_size < 1 || p->min_n_kv < 0) return ICE_STATUS_INVALID_ARG;
     if (p->n_composite < 1 || p->n_composite > 64 || p->n_simple < 1 || p->n_simple > 64) return ICE_STATUS_INVALID_ARG;
     if ((int64_t)p->n_composite * p->n_simple > 4096) return ICE_STATUS_INVALID_ARG;
-    if (p->visit_budget < 0 || p->retrieve_budget < 0) return ICE_STATUS_INVALID_ARG;
+    if (p->visit_budget < 0 || p->retrieve_budget < 0 || p->top_blocks < 0) return ICE_STATUS_INVALID_ARG;
     return ICE_STATUS_OK;
 }
 
@@ -40,7 +40,7 @@ enum ice_status ice_attn_state_set_params(struct ice_attn_state * state, const s
 
 static void head_free(struct ice_head * h) {
     if (!h) return;
-    free(h->cells); free(h->k32); free(h->v32); free(h->bcount); free(h->bk); free(h->bv);
+    free(h->cells); free(h->k32); free(h->v32); free(h->bcount); free(h->bk); free(h->bv); free(h->bstart);
     ice_dci_free(&h->dci);
     free(h);
 }
@@ -48,7 +48,7 @@ static void head_free(struct ice_head * h) {
 static void thread_free(struct ice_thread * t) {
     if (!t) return;
     ice_dci_scratch_free(&t->dci);
-    free(t->vis); free(t->vis_bcnt); free(t->q); free(t->sc); free(t->uni); free(t->stamp);
+    free(t->vis); free(t->vis_bcnt); free(t->q); free(t->sc); free(t->qk); free(t->bsc); free(t->bsel); free(t->partial); free(t->uni); free(t->stamp);
     free(t->heap_s); free(t->heap_i); free(t->w); free(t->tmp); free(t->any); free(t->unres);
     free(t);
 }
@@ -66,13 +66,13 @@ size_t ice_attn_state_memory(const struct ice_attn_state * state) {
     for (int i = 0; i < ICE_MAX_HEADS; i++) {
         const struct ice_head * h = state->heads[i];
         if (!h) continue;
-        b += sizeof *h + h->cells_cap + h->k32_cap + h->v32_cap + h->bcount_cap + h->bk_cap + h->bv_cap + ice_dci_memory(&h->dci);
+        b += sizeof *h + h->cells_cap + h->k32_cap + h->v32_cap + h->bcount_cap + h->bk_cap + h->bv_cap + h->bstart_cap + ice_dci_memory(&h->dci);
     }
     for (int i = 0; i < ICE_MAX_THREADS; i++) {
         const struct ice_thread * t = state->threads[i];
         if (!t) continue;
         b += sizeof *t + t->dci.cnt_cap + t->dci.cand_cap + t->dci.touched_cap + t->dci.qn_cap +
-             t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->uni_cap + t->stamp_cap +
+             t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->qk_cap + t->bsc_cap + t->bsel_cap + t->partial_cap + t->uni_cap + t->stamp_cap +
              t->heap_s_cap + t->heap_i_cap + t->w_cap + t->tmp_cap + t->any_cap + t->unres_cap;
     }
     return b;
@@ -149,8 +149,8 @@ static enum ice_status prepare_head(struct ice_attn_state * st, struct ice_threa
     h->n_pts = n;
     // rows attend densely when sinks + window already cover them (or below min_n_kv)
     const int64_t n_fixed = (int64_t)p->n_sinks + p->window;
-    if (n >= p->min_n_kv && n > n_fixed && p->top_k > 0) {
-        if (!p->exact_search) {
+    if (n >= p->min_n_kv && n > n_fixed && (p->top_k > 0 || p->top_blocks > 0)) {
+        if (p->top_k > 0 && !p->exact_search) {
             if (h->dci.dim != dm->d_k || h->dci.L != p->n_composite || h->dci.m != p->n_simple || h->dci.seed != p->seed) {
                 ice_dci_free(&h->dci);
                 ice_dci_init(&h->dci, (int32_t)dm->d_k, p->n_composite, p->n_simple, p->seed);
@@ -163,7 +163,7 @@ static enum ice_status prepare_head(struct ice_attn_state * st, struct ice_threa
             if (n_stat < 64) n_stat = 0;
             if (ice_dci_build(&h->dci, h->k32, dm->d_k, n, n_stat)) return ICE_STATUS_NO_MEMORY;
         }
-        if (p->tail_estimate && ice_tail_prepare(h, p->block_size)) return ICE_STATUS_NO_MEMORY;
+        if ((p->tail_estimate || p->top_blocks > 0) && ice_tail_prepare(h, p->block_size)) return ICE_STATUS_NO_MEMORY;
         h->indexed = true;
     }
     h->status = ICE_STATUS_OK;
@@ -214,7 +214,15 @@ static int row_visible(struct ice_thread * th, const struct ice_head * h, const 
         if (ICE_RESERVE(&th->vis_bcnt, &th->vis_bcnt_cap, nb + 1, 0)) return -1;
         memset(th->vis_bcnt, 0, (size_t)nb * sizeof(int32_t));
         for (int64_t i = 0; i < nv; i++) th->vis_bcnt[h->cells[th->vis[i]] / block_size]++;
+        // blocks cut by the mask, listed so the tail visits only their points (a causal row has one)
+        if (ICE_RESERVE(&th->partial, &th->partial_cap, nb + 1, 0)) return -1;
+        th->n_partial = 0;
+        for (int64_t b = 0; b < nb; b++) {
+            if (th->vis_bcnt[b] > 0 && th->vis_bcnt[b] != h->bcount[b]) th->partial[th->n_partial++] = (int32_t)b;
+        }
     }
+    th->vis_mrow = mrow;
+    th->vis_mtype = io->mask.type;
     th->vis_mask = io->mask.data; th->vis_s = s; th->vis_t = t; th->vis_npts = h->n_pts; th->vis_blocks = want_blocks;
     return 0;
 }
@@ -246,13 +254,14 @@ static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread
     }
     if (h->status != ICE_STATUS_OK) { memset(o, 0, (size_t)dm->d_v * sizeof(float)); return h->status; }
     const int tail = p->tail_estimate && h->indexed;
-    if (row_visible(th, h, io, s, t, p->block_size, tail)) return ICE_STATUS_NO_MEMORY;
+    const int blocks = p->top_blocks > 0 && h->indexed;
+    if (row_visible(th, h, io, s, t, p->block_size, tail || blocks)) return ICE_STATUS_NO_MEMORY;
     const int64_t nv = th->n_vis, dk = dm->d_k;
     const void * mrow = ice_mask_row(io, t, s);
     if (ICE_RESERVE(&th->q, &th->q_cap, dk, 0) || ICE_RESERVE(&th->sc, &th->sc_cap, h->n_pts + 1, 0)) return ICE_STATUS_NO_MEMORY;
     float * q = th->q;
     ice_view_load_row(&io->q, t, hq, s, q);
-    const int64_t n_union = (int64_t)p->top_k + p->n_sinks + p->window;
+    const int64_t n_union = (int64_t)p->top_k + p->n_sinks + p->window + (int64_t)p->top_blocks * p->block_size;
     if (!h->indexed || nv < p->min_n_kv || nv <= (int64_t)p->n_sinks + p->window) {
         // dense over the visible points
         for (int64_t i = 0; i < nv; i++) {
@@ -282,7 +291,9 @@ static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread
         if (th->stamp[pt] != gen) { th->stamp[pt] = gen; th->uni[nu++] = pt; }
     }
     struct ice_topk heap = { th->heap_s, th->heap_i, p->top_k, 0 };
-    if (p->exact_search) {
+    if (p->top_k == 0) {
+        // no k-NN search: the coarse block search below chooses the exact keys
+    } else if (p->exact_search) {
         for (int64_t i = 0; i < nv; i++) {
             const int32_t pt = th->vis[i];
             ice_topk_push(&heap, ice_dot(q, h->k32 + (int64_t)pt * dk, dk), pt);
@@ -298,9 +309,16 @@ static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread
         const int32_t pt = (int32_t)heap.id[i];
         if (th->stamp[pt] != gen) { th->stamp[pt] = gen; th->uni[nu++] = pt; }
     }
+    if (blocks) {
+        const int64_t added = ice_block_select(h, th, p->block_size, p->top_blocks, q, gen, th->uni + nu);
+        if (added < 0) return ICE_STATUS_NO_MEMORY;
+        nu += added;
+    }
+    if (ICE_RESERVE(&th->qk, &th->qk_cap, nu + 1, 0)) return ICE_STATUS_NO_MEMORY;
     for (int64_t i = 0; i < nu; i++) {
         const int32_t pt = th->uni[i];
-        th->sc[i] = io->scale * ice_dot(q, h->k32 + (int64_t)pt * dk, dk) + ice_mask_value(io->mask.type, mrow, h->cells[pt]);
+        th->qk[i] = ice_dot(q, h->k32 + (int64_t)pt * dk, dk);
+        th->sc[i] = io->scale * th->qk[i] + ice_mask_value(io->mask.type, mrow, h->cells[pt]);
     }
     if (tail) {
         if (ice_tail_row(h, th, p->block_size, io->scale, q, th->uni, nu, th->sc, o)) return ICE_STATUS_NO_MEMORY;

@@ -26,6 +26,7 @@ struct ice_head {
     int32_t * bcount;   size_t bcount_cap;   // n_blocks: points per block
     float   * bk;       size_t bk_cap;       // n_blocks*d_k: sum of keys
     float   * bv;       size_t bv_cap;       // n_blocks*d_v: sum of values
+    int32_t * bstart;   size_t bstart_cap;   // n_blocks+1: first point of each block (points ascend by cell)
 };
 
 // Per thread ith: grow-only scratch.
@@ -36,8 +37,15 @@ struct ice_thread {
     int32_t * vis;      size_t vis_cap;      // visible points, ascending
     int64_t   n_vis;
     int32_t * vis_bcnt; size_t vis_bcnt_cap; // visible points per block for this row
+    int32_t * partial;  size_t partial_cap;  // blocks the mask cuts for this row (0 < visible < all)
+    int64_t   n_partial;
+    const void * vis_mrow;                   // the mask row the visibility was computed from
+    enum ice_type vis_mtype;
     float   * q;        size_t q_cap;
     float   * sc;       size_t sc_cap;       // scores
+    float   * qk;       size_t qk_cap;       // q.k of the union's points (reused by the tail)
+    float   * bsc;      size_t bsc_cap;      // coarse search: scores of the chosen blocks
+    int32_t * bsel;     size_t bsel_cap;     // coarse search: the chosen blocks
     int32_t * uni;      size_t uni_cap;      // union of attended points
     uint32_t * stamp;   size_t stamp_cap;    // per point: == gen when in the union
     uint32_t  gen;
@@ -74,6 +82,11 @@ static inline float * ice_out_row(const struct ice_attn_io * io, int64_t s, int6
 
 // tail.c
 int  ice_tail_prepare(struct ice_head * hd, int64_t block_size);
+// Coarse search: among the blocks fully visible to the row (th->vis_bcnt), picks the n_sel with the
+// largest q . mean key and appends their points not yet stamped `gen` to out (stamping them).
+// Returns the number appended, -1 when out of memory. out must hold n_sel * block_size points.
+int64_t ice_block_select(const struct ice_head * hd, struct ice_thread * th, int64_t block_size, int32_t n_sel,
+        const float * q, uint32_t gen, int32_t * out);
 // Adds the estimate of the visible points outside the union to a row: given the union
 // `uni` (n_uni points) with scores sc (scale*q.k + mask, already computed), writes per-union
 // weights and the output. Returns 0 on success.

@@ -39,6 +39,7 @@ struct ice_attn_params ice_attn_default_params(void) {
     p.n_simple        = 1;
     p.visit_budget    = 0;
     p.retrieve_budget = 0;
+    p.top_blocks      = 0;
     p.seed            = 0x1ce0f0a2d5eedULL;
     p.exact_search    = false;
     p.tail_estimate   = true;

@@ -13,7 +13,8 @@ int ice_tail_prepare(struct ice_head * h, int64_t B) {
     const int64_t nb = (h->n_kv + B - 1) / B, dk = h->d_k, dv = h->d_v;
     if (ICE_RESERVE(&h->bcount, &h->bcount_cap, nb, 0) ||
         ICE_RESERVE(&h->bk, &h->bk_cap, nb * dk, 0) ||
-        ICE_RESERVE(&h->bv, &h->bv_cap, nb * dv, 0)) {
+        ICE_RESERVE(&h->bv, &h->bv_cap, nb * dv, 0) ||
+        ICE_RESERVE(&h->bstart, &h->bstart_cap, nb + 1, 0)) {
         return -1;
     }
     h->n_blocks = nb;
@@ -26,7 +27,38 @@ int ice_tail_prepare(struct ice_head * h, int64_t B) {
         ice_axpy(h->bk + b * dk, 1.0f, h->k32 + i * dk, dk);
         ice_axpy(h->bv + b * dv, 1.0f, h->v32 + i * dv, dv);
     }
+    // points ascend by cell, so block b's points are [bstart[b], bstart[b+1])
+    h->bstart[0] = 0;
+    for (int64_t b = 0; b < nb; b++) h->bstart[b + 1] = h->bstart[b] + h->bcount[b];
     return 0;
+}
+
+int64_t ice_block_select(const struct ice_head * h, struct ice_thread * th, int64_t B, int32_t n_sel,
+        const float * q, uint32_t gen, int32_t * out) {
+    (void) B;
+    const int64_t nb = h->n_blocks, dk = h->d_k;
+    if (ICE_RESERVE(&th->bsc, &th->bsc_cap, n_sel, 0) || ICE_RESERVE(&th->bsel, &th->bsel_cap, n_sel, 0)) return -1;
+    const int32_t * bcnt = th->vis_bcnt;
+    int32_t n = 0;   // chosen so far, kept sorted by decreasing score (n_sel is small)
+    for (int64_t b = 0; b < nb; b++) {
+        const int32_t c = h->bcount[b];
+        if (c == 0 || bcnt[b] != c) continue;   // cut by the mask: handled exactly or by the tail
+        const int32_t first = h->bstart[b], last = h->bstart[b + 1] - 1;
+        if (th->stamp[first] == gen && th->stamp[last] == gen) continue;   // inside sinks or window already
+        const float sc = ice_dot(q, h->bk + b * dk, dk) / (float) c;
+        if (n == n_sel && sc <= th->bsc[n - 1]) continue;
+        int32_t i = n < n_sel ? n++ : n - 1;
+        while (i > 0 && th->bsc[i - 1] < sc) { th->bsc[i] = th->bsc[i - 1]; th->bsel[i] = th->bsel[i - 1]; i--; }
+        th->bsc[i] = sc; th->bsel[i] = (int32_t) b;
+    }
+    int64_t added = 0;
+    for (int32_t i = 0; i < n; i++) {
+        const int32_t b = th->bsel[i];
+        for (int32_t pt = h->bstart[b]; pt < h->bstart[b + 1]; pt++) {
+            if (th->stamp[pt] != gen) { th->stamp[pt] = gen; out[added++] = pt; }
+        }
+    }
+    return added;
 }
 
 int ice_tail_row(const struct ice_head * h, struct ice_thread * th, int64_t B, float scale,
@@ -45,13 +77,16 @@ int ice_tail_row(const struct ice_head * h, struct ice_thread * th, int64_t B, f
     for (int64_t i = 0; i < nu; i++) {
         const int64_t b = h->cells[uni[i]] / B;
         rest[b] -= 1.0f;
-        if (bcnt[b] == h->bcount[b]) qs[b] -= ice_dot(q, h->k32 + (int64_t)uni[i] * dk, dk);
+        if (bcnt[b] == h->bcount[b]) qs[b] -= th->qk[i];   // q.k of union point i, from forward_row
     }
-    // partial blocks: sum the visible rest directly
-    for (int64_t i = 0; i < th->n_vis; i++) {
-        const int32_t pt = th->vis[i];
-        const int64_t b = h->cells[pt] / B;
-        if (bcnt[b] != h->bcount[b] && th->stamp[pt] != gen) qs[b] += ice_dot(q, h->k32 + (int64_t)pt * dk, dk);
+    // partial blocks: sum the visible rest directly, visiting only the blocks the mask cuts
+    for (int64_t j = 0; j < th->n_partial; j++) {
+        const int32_t b = th->partial[j];
+        for (int32_t pt = h->bstart[b]; pt < h->bstart[b + 1]; pt++) {
+            if (th->stamp[pt] != gen && ice_mask_visible(th->vis_mtype, th->vis_mrow, h->cells[pt])) {
+                qs[b] += ice_dot(q, h->k32 + (int64_t)pt * dk, dk);
+            }
+        }
     }
     float mx = -INFINITY;
     for (int64_t i = 0; i < nu; i++) if (sc[i] > mx) mx = sc[i];
@@ -76,11 +111,13 @@ int ice_tail_row(const struct ice_head * h, struct ice_thread * th, int64_t B, f
     for (int64_t b = 0; b < nb; b++) {
         if (coef[b] != 0.0f && bcnt[b] == h->bcount[b]) ice_axpy(o, coef[b], h->bv + b * dv, dv);
     }
-    for (int64_t i = 0; i < th->n_vis; i++) {
-        const int32_t pt = th->vis[i];
-        const int64_t b = h->cells[pt] / B;
-        if (bcnt[b] != h->bcount[b] && th->stamp[pt] != gen && coef[b] != 0.0f) {
-            ice_axpy(o, coef[b], h->v32 + (int64_t)pt * dv, dv);
+    for (int64_t j = 0; j < th->n_partial; j++) {
+        const int32_t b = th->partial[j];
+        if (coef[b] == 0.0f) continue;
+        for (int32_t pt = h->bstart[b]; pt < h->bstart[b + 1]; pt++) {
+            if (th->stamp[pt] != gen && ice_mask_visible(th->vis_mtype, th->vis_mrow, h->cells[pt])) {
+                ice_axpy(o, coef[b], h->v32 + (int64_t)pt * dv, dv);
+            }
         }
     }
     const float inv = 1.0f / sum;
