@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-predict", type=_non_negative, default=128, help="tokens to generate (default 128)")
     p.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
     p.set_defaults(func=cmd_generate)
+
+    from . import serve
+    serve.register(sub)
     return parser
 
 

@@ -31,7 +31,7 @@ def _cases():
             continue
         kvt = "f16" if i % 2 == 0 else "f32"
         vt = (i // 2) % 3 == 0
-        search = "exact" if (i // 3) % 2 == 0 else "dci"
+        search = ("exact", "dci", "blocks")[(i // 3) % 3]
         cover = "union" if (i // 5) % 2 == 0 else "topk"
         cases.append(pytest.param(n_kv, n_tok, hd, gqa, mk, kvt, vt, search, cover,
                                   id=f"n_kv={n_kv},n_tok={n_tok},hd={hd},gqa={gqa},mask={mk},kv={kvt},"
@@ -63,6 +63,8 @@ def _covering_params(n_kv, search, cover):
     kw = dict(top_k=n_kv, min_n_kv=0, exact_search=(search == "exact"), tail_estimate=False)
     if cover == "topk":
         kw.update(n_sinks=0, window=0)
+    if search == "blocks":   # coarse search alone: every block chosen, the tail sees an empty rest
+        kw.update(top_k=0, block_size=32, top_blocks=(n_kv + 31) // 32, tail_estimate=True)
     if search == "dci":
         kw.update(visit_budget=n_kv * 8, retrieve_budget=n_kv)
     return native.AttnParams.default(**kw)
@@ -123,13 +125,18 @@ def test_zero_visible_rows_are_zero():
         assert np.all(np.isfinite(out))
 
 
-@pytest.mark.parametrize("search", ["exact", "dci"])
+# the coarse block search alone (no k-NN): blocks of 32 cells, 6 of them per row
+_BLOCKS = {"blocks": dict(top_k=0, top_blocks=6, block_size=32)}
+
+
+@pytest.mark.parametrize("search", ["exact", "dci", "blocks"])
 @pytest.mark.parametrize("tail", [False, True])
 def test_causality(search, tail):
     """Changing keys/values of cells after position p does not change rows <= p."""
     n_kv, n_tok = 2000, 64
     q, k, v, mask, scale = _data(n_kv, n_tok, 64, 3, "causal", "f16", seed=8)
-    params = native.AttnParams.default(top_k=32, min_n_kv=100, exact_search=(search == "exact"), tail_estimate=tail)
+    params = native.AttnParams.default(**{**dict(top_k=32, min_n_kv=100, exact_search=(search == "exact"),
+                                                 tail_estimate=tail), **_BLOCKS.get(search, {})})
     out1 = native.attention(q, k, v, mask, scale, params)
     t = 40
     p = n_kv - n_tok + t
@@ -142,12 +149,13 @@ def test_causality(search, tail):
     assert not np.array_equal(out1[:, t + 1:], out2[:, t + 1:])
 
 
-@pytest.mark.parametrize("search", ["exact", "dci"])
+@pytest.mark.parametrize("search", ["exact", "dci", "blocks"])
 @pytest.mark.parametrize("tail", [False, True])
 @pytest.mark.parametrize("n_tok", [1, 48])
 def test_threads_bit_identical(search, tail, n_tok):
     q, k, v, mask, scale = _data(3000, n_tok, 64, 3, "two_seq" if n_tok > 1 else "causal", "f16", seed=9)
-    params = native.AttnParams.default(top_k=32, min_n_kv=200, exact_search=(search == "exact"), tail_estimate=tail)
+    params = native.AttnParams.default(**{**dict(top_k=32, min_n_kv=200, exact_search=(search == "exact"),
+                                                 tail_estimate=tail), **_BLOCKS.get(search, {})})
     out1 = native.attention(q, k, v, mask, scale, params, n_threads=1)
     out3 = native.attention(q, k, v, mask, scale, params, n_threads=3)
     assert np.array_equal(out1, out3)

@@ -40,7 +40,7 @@ enum ice_status ice_attn_state_set_params(struct ice_attn_state * state, const s
 
 static void head_free(struct ice_head * h) {
     if (!h) return;
-    free(h->cells); free(h->k32); free(h->v32); free(h->bcount); free(h->bk); free(h->bv); free(h->bstart);
+    free(h->cells); free(h->k32); free(h->v32); free(h->bcount); free(h->bk); free(h->bv); free(h->bstart); free(h->bvar);
     ice_dci_free(&h->dci);
     free(h);
 }
@@ -66,7 +66,7 @@ size_t ice_attn_state_memory(const struct ice_attn_state * state) {
     for (int i = 0; i < ICE_MAX_HEADS; i++) {
         const struct ice_head * h = state->heads[i];
         if (!h) continue;
-        b += sizeof *h + h->cells_cap + h->k32_cap + h->v32_cap + h->bcount_cap + h->bk_cap + h->bv_cap + h->bstart_cap + ice_dci_memory(&h->dci);
+        b += sizeof *h + h->cells_cap + h->k32_cap + h->v32_cap + h->bcount_cap + h->bk_cap + h->bv_cap + h->bstart_cap + h->bvar_cap + ice_dci_memory(&h->dci);
     }
     for (int i = 0; i < ICE_MAX_THREADS; i++) {
         const struct ice_thread * t = state->threads[i];

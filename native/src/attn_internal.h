@@ -25,6 +25,7 @@ struct ice_head {
     int64_t   n_blocks;
     int32_t * bcount;   size_t bcount_cap;   // n_blocks: points per block
     float   * bk;       size_t bk_cap;       // n_blocks*d_k: sum of keys
+    float   * bvar;     size_t bvar_cap;     // n_blocks*d_k: per-dimension variance of the block's keys
     float   * bv;       size_t bv_cap;       // n_blocks*d_v: sum of values
     int32_t * bstart;   size_t bstart_cap;   // n_blocks+1: first point of each block (points ascend by cell)
 };
@@ -82,8 +83,8 @@ static inline float * ice_out_row(const struct ice_attn_io * io, int64_t s, int6
 
 // tail.c
 int  ice_tail_prepare(struct ice_head * hd, int64_t block_size);
-// Coarse search: among the blocks fully visible to the row (th->vis_bcnt), picks the n_sel with the
-// largest q . mean key and appends their points not yet stamped `gen` to out (stamping them).
+// Coarse search: among the blocks with points visible to the row (th->vis_bcnt), picks the n_sel with
+// the largest optimistic score and appends their visible points not yet stamped `gen` to out.
 // Returns the number appended, -1 when out of memory. out must hold n_sel * block_size points.
 int64_t ice_block_select(const struct ice_head * hd, struct ice_thread * th, int64_t block_size, int32_t n_sel,
         const float * q, uint32_t gen, int32_t * out);

@@ -30,16 +30,16 @@ struct ice_index_params ice_index_default_params(void) {
 struct ice_attn_params ice_attn_default_params(void) {
     struct ice_attn_params p;
     memset(&p, 0, sizeof p);
-    p.top_k           = 64;
+    p.top_k           = 0;     // k-NN search off by default: slower than dense here (see the header)
     p.n_sinks         = 4;
     p.window          = 64;
-    p.block_size      = 64;
-    p.min_n_kv        = 512;
+    p.block_size      = 32;
+    p.min_n_kv        = 1024;
     p.n_composite     = 4;
     p.n_simple        = 1;
     p.visit_budget    = 0;
     p.retrieve_budget = 0;
-    p.top_blocks      = 0;
+    p.top_blocks      = 16;
     p.seed            = 0x1ce0f0a2d5eedULL;
     p.exact_search    = false;
     p.tail_estimate   = true;

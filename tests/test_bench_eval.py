@@ -1,0 +1,216 @@
+"""bench and eval: the pure summaries on synthetic numbers, the task generators, and one tiny end-to-end run
+of each command on the bundled model (256/512 tokens, one repetition)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from iceformer_llama import bench, evaluate, tasks
+from iceformer_llama.settings import IceformerSettings
+
+# The commands through their own register() functions, independent of how cli.py wires them.
+_DRIVER = ("import sys\n"
+           "from iceformer_llama import bench, evaluate\n"
+           "from iceformer_llama.cli import _Parser\n"
+           "p = _Parser(prog='iceformer_llama')\n"
+           "s = p.add_subparsers(dest='command', required=True, parser_class=_Parser)\n"
+           "bench.register(s); evaluate.register(s)\n"
+           "a = p.parse_args(sys.argv[1:])\n"
+           "sys.exit(a.func(a))\n")
+
+
+def run_command(*args, timeout=300):
+    return subprocess.run([sys.executable, "-c", _DRIVER, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+# ------------------------------------------------------------------------------------------------
+# bench: pure functions
+
+
+def _runs(config, length, prefill, decode):
+    return [{"length": length, "config": config, "prompt_tokens": length, "prefill": p, "decode": d}
+            for p, d in zip(prefill, decode)]
+
+
+def test_summaries_and_ratio_from_medians():
+    runs = (_runs("patched", 512, [100, 120, 90], [20, 22, 21])
+            + _runs("stock-fa-on", 512, [80, 82, 81], [10, 30, 11])
+            + _runs("stock-fa-off", 512, [60, 70, 65], [12, 13, 14]))
+    (row,) = bench.aggregate(runs, [512], ["on", "off"])
+    assert row["patched"]["prefill"] == {"median": 100, "min": 90, "max": 120, "n": 3}
+    # prefill: fa=on is faster (median 81 > 65); decode: fa=off (13 > 11), despite fa=on's max of 30
+    assert row["baseline_flash_attn"] == {"prefill": "on", "decode": "off"}
+    assert row["ratio"]["prefill"] == pytest.approx(100 / 81)
+    assert row["ratio"]["decode"] == pytest.approx(21 / 13)
+    table = bench.format_table([row])
+    assert "1.23x" in table and "1.62x" in table and "(fa=on)" in table and "(fa=off)" in table
+
+
+def test_summary_edge_cases():
+    assert bench.summarize([]) is None
+    assert bench.summarize([None, 3.0, 1.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 2}
+    assert bench.ratio(None, {"median": 1.0}) is None
+    assert bench.ratio({"median": 1.0}, {"median": 0.0}) is None
+    assert bench.pick_baseline({"on": None, "off": None}) == (None, None)
+    assert bench.cap_lengths([512, 8192, 16384], 8192) == [512, 8192]
+    assert bench.cap_lengths([512, 16384], None) == [512, 16384]
+    assert bench.parse_lengths("2048,512,512") == [512, 2048]
+
+
+def test_settings_flags_round_trip():
+    from iceformer_llama.cli import build_parser
+
+    s = IceformerSettings(top_k=32, tail_estimate=False, dense_layers=(0, 2), top_blocks=8)
+    flags = bench.settings_flags(s)
+    assert flags == ["--top-k", "32", "--top-blocks", "8", "--dense-layers", "0,2", "--tail-estimate", "off"]
+    from iceformer_llama.settings import from_arguments
+    args = build_parser().parse_args(["generate", "-p", "x", *flags])
+    assert from_arguments(args) == s
+
+
+# ------------------------------------------------------------------------------------------------
+# eval: pure functions
+
+
+def test_variant_parsing():
+    assert evaluate.variant_overrides("top_blocks=8,block_size=32") == {"top_blocks": 8, "block_size": 32}
+    assert evaluate.variant_overrides("top-k=16,sinks=2,tail_estimate=off,dense_layers=0+1") == {
+        "top_k": 16, "n_sinks": 2, "tail_estimate": False, "dense_layers": (0, 1)}
+    assert evaluate.variant_overrides({"top_k": 4, "dense_layers": [3]}) == {"top_k": 4, "dense_layers": (3,)}
+    with pytest.raises(ValueError, match="unknown knob"):
+        evaluate.variant_overrides("topk=3")
+    base = IceformerSettings(top_k=64)
+    variants = evaluate.build_variants(base, ["top_blocks=8", {"top_k": 32}, "top_blocks=8"])
+    assert [label for label, _ in variants] == ["top_blocks=8", "top_k=32"]
+    assert variants[0][1] == IceformerSettings(top_k=64, top_blocks=8)
+    assert evaluate.build_variants(base, []) == [("top_k=64", base)]
+
+
+def test_task_accuracy_summary():
+    def rec(task, length, dense, ice):
+        return {"task": task, "length": length, "results": {"dense": {"correct": dense}, "v": {"correct": ice}}}
+
+    records = [rec("passkey", 256, True, True), rec("passkey", 256, True, False), rec("lines", 256, False, False)]
+    rows = {(r["task"], r["length"]): r for r in evaluate.task_summary(records, ["v"])}
+    assert rows["passkey", 256]["dense"] == 1.0
+    assert rows["passkey", 256]["variants"]["v"] == {"accuracy": 0.5, "ratio": 0.5}
+    assert rows["lines", 256]["variants"]["v"] == {"accuracy": 0.0, "ratio": None}  # dense 0: no ratio
+
+
+# ------------------------------------------------------------------------------------------------
+# Task generators
+
+
+@pytest.mark.parametrize("kind", tasks.TASKS)
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_tasks_are_deterministic_and_hide_the_answer_at_the_depth(kind, depth):
+    a = tasks.make_task(kind, 1024, depth=depth, seed=7)
+    b = tasks.make_task(kind, 1024, depth=depth, seed=7)
+    assert a == b
+    assert tasks.make_task(kind, 1024, depth=depth, seed=8).prompt != a.prompt
+    assert a.n_tokens <= 1024 and a.n_tokens >= 900  # sized to the request by the token counter
+    assert len(a.answer) == 5 and a.answer.isdigit()
+    # the answer sits at the needle, which sits at `depth` of the text (the intro and question aside)
+    assert a.prompt.find(a.answer, a.needle_offset) == a.prompt.find(a.answer)
+    assert a.prompt.find(a.answer) - a.needle_offset < 80
+    assert abs(a.needle_offset / len(a.prompt) - depth) < 0.08
+    assert a.is_correct(f" {a.answer}. Remember") and a.is_correct(f"{a.answer}>")
+    assert not a.is_correct(f" {a.answer}1") and not a.is_correct("no number")
+
+
+def test_lines_task_asks_for_an_existing_line():
+    t = tasks.lines_task(512, depth=0.5, seed=1)
+    name = t.prompt.rsplit("line ", 1)[1].split(":")[0]
+    assert t.prompt.count(f"line {name}: REGISTER_CONTENT is <{t.answer}>") == 1
+    assert t.prompt.endswith(f"line {name}: REGISTER_CONTENT is <")
+
+
+def test_tasks_use_the_given_token_counter():
+    t = tasks.passkey_task(1000, depth=0.5, seed=0, count_tokens=len)  # one "token" per character
+    assert 900 <= len(t.prompt) <= 1000
+    with pytest.raises(ValueError, match="too few"):
+        tasks.passkey_task(300, depth=0.5, seed=0, count_tokens=len)
+    with pytest.raises(ValueError):
+        tasks.passkey_task(32, depth=0.5, seed=0)
+    with pytest.raises(ValueError):
+        tasks.lines_task(512, depth=1.5, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end, on the bundled model
+
+
+BENCH_ROW_FIELDS = {"length", "prompt_tokens", "patched", "stock", "baseline", "baseline_flash_attn", "ratio"}
+# one thread: a busy machine then slows these runs down instead of stalling llama.cpp's spinning thread pool
+BENCH_FIELDS = {"command", "model", "context_length", "lengths", "repeat", "threads", "n_predict", "patched",
+                "stock", "machine", "rows", "runs"}
+
+
+def test_bench_writes_json_and_png(builds, bundled_model, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_command("bench", "--lengths", "256", "--repeat", "1", "-n", "4", "--threads", "1",
+                       "--stock-flash-attn", "off", "--top-k", "32", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert BENCH_FIELDS <= set(result)
+    assert result["patched"]["knobs"] == {"top_k": 32} and result["patched"]["params"]["top_k"] == 32
+    (row,) = result["rows"]
+    assert BENCH_ROW_FIELDS <= set(row) and row["length"] == 256
+    assert {r["config"] for r in result["runs"]} == {"patched", "stock-fa-off"}  # the warm-up is not kept
+    for metric in ("prefill", "decode"):
+        assert row["baseline_flash_attn"][metric] == "off"
+        assert row["ratio"][metric] == pytest.approx(row["patched"][metric]["median"] / row["baseline"][metric]["median"])
+    assert "256" in proc.stdout and "ratio" in proc.stdout
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def eval_result(builds, bundled_model, tmp_path_factory):
+    from iceformer_llama.models import check_gguf
+
+    all_layers = "+".join(map(str, range(check_gguf(bundled_model).n_layers)))
+    out = tmp_path_factory.mktemp("eval") / "eval.json"
+    proc = run_command("eval", "--lengths", "512", "--score-from", "0", "--task-lengths", "256", "--depths", "0.5",
+                       "--trials", "1", "-n", "6", "--threads", "1", "--seed", "3",
+                       "--variant", f"dense_layers={all_layers}", "--variant", "min_n_kv=100000", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text()), out, proc.stdout
+
+
+def test_eval_is_exact_when_every_layer_is_dense(eval_result):
+    result, out, stdout = eval_result
+    doc = next(d for d in result["documents"] if d["variant"].startswith("dense_layers="))
+    assert doc["n_tokens"] == 512 and doc["first_position"] == 0
+    assert doc["top1_agreement"] == 1.0 and doc["mean_kl"] < 1e-6
+    assert math.isclose(doc["ppl_dense"], doc["ppl_iceformer"], rel_tol=1e-6)
+    assert doc["prefill_seconds_dense"] > 0 and doc["prefill_seconds_iceformer"] > 0
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "summary" in stdout
+
+
+@pytest.mark.xfail(strict=True, reason="measured: min_n_kv above the length (every row through the kernel's dense "
+                                       "path) gives top-1 0.96-0.97 and KL ~0.004 against llama.cpp's dense "
+                                       "attention, flash attention on or off; reported to the lead")
+def test_eval_is_exact_when_min_n_kv_covers_every_row(eval_result):
+    result, _, _ = eval_result
+    doc = next(d for d in result["documents"] if d["variant"] == "min_n_kv=100000")
+    assert doc["top1_agreement"] == 1.0 and doc["mean_kl"] < 1e-4
+
+
+def test_eval_runs_the_retrieval_tasks(eval_result):
+    result, _, _ = eval_result
+    assert {r["task"] for r in result["task_summary"]} == {"passkey", "lines"}
+    for row in result["task_summary"]:
+        assert row["length"] == 256 and row["n"] == 1
+        assert 0.0 <= row["dense"] <= 1.0
+        for v in row["variants"].values():
+            assert 0.0 <= v["accuracy"] <= 1.0
+    for rec in result["task_records"]:
+        assert set(rec["results"]) == {"dense", *(v["label"] for v in result["variants"])}
+    modes = [s["mode"] for s in result["summary"]]
+    assert modes[0] == "dense" and len(modes) == 3
