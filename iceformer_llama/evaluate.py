@@ -292,16 +292,14 @@ def plot(result: dict, path: Path) -> None:
     summary = result["summary"]
     variants = [s for s in summary if s["mode"] != "dense"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    number = {s["mode"]: str(i + 1) for i, s in enumerate(variants)}
     ax = axes[0]
     for n in sorted({d["n_tokens"] for d in result["documents"]}):
-        pts = [(d["prefill_seconds_dense"] / d["prefill_seconds_iceformer"], d["top1_agreement"])
-               for d in result["documents"] if d["n_tokens"] == n]
-        pts.sort()
+        pts = sorted((d["prefill_seconds_dense"] / d["prefill_seconds_iceformer"], d["top1_agreement"], d["variant"])
+                     for d in result["documents"] if d["n_tokens"] == n)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{n} tokens")
-    for i, s in enumerate(variants):
-        if s["prefill_speedup"] is not None and s["top1_agreement"] is not None:
-            ax.annotate(str(i + 1), (s["prefill_speedup"], s["top1_agreement"]), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
+        for x, y, label in pts:
+            ax.annotate(number[label], (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.axvline(1.0, color="grey", lw=1, ls="--")
     ax.set_xlabel("prefill speed-up over dense (same run)")
     ax.set_ylabel("top-1 agreement with dense")
@@ -315,6 +313,10 @@ def plot(result: dict, path: Path) -> None:
         pts = sorted((s["prefill_speedup"], s["tasks"][task]) for s in variants
                      if s["prefill_speedup"] is not None and s["tasks"].get(task) is not None)
         line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{task} (iceformer)")
+        for s in variants:
+            if s["prefill_speedup"] is not None and s["tasks"].get(task) is not None:
+                ax.annotate(number[s["mode"]], (s["prefill_speedup"], s["tasks"][task]), fontsize=8,
+                            xytext=(4, 4), textcoords="offset points")
         dense = summary[0]["tasks"].get(task)
         if dense is not None:
             ax.axhline(dense, color=line.get_color(), lw=1, ls="--", label=f"{task} (dense)")

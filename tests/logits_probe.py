@@ -5,13 +5,17 @@ python tests/logits_probe.py BACKEND ATTENTION OUT.npy N_TOKENS [key=value setti
 """
 
 import codecs
+import contextlib
+import io
+import os
 import sys
-import this  # noqa: F401  (the Zen of Python: a public text that ships with Python)
 
 import numpy as np
 
 
 def probe_text() -> str:
+    with contextlib.redirect_stdout(io.StringIO()):   # `import this` prints the Zen of Python
+        import this
     zen = codecs.decode(this.s, "rot13")
     return "\n\n".join([zen] * 8)
 
@@ -30,7 +34,8 @@ def main() -> int:
     llm = iceformer_llama.Llama(str(bundled_model_path()), attention=attention,
                                 iceformer=iceformer_llama.IceformerSettings(**overrides),
                                 n_ctx=max(512, n_tokens + 16), n_batch=512, n_ubatch=512, n_threads=2,
-                                n_threads_batch=2, logits_all=True, flash_attn=False)
+                                n_threads_batch=2, logits_all=True,
+                                flash_attn=os.environ.get("PROBE_FLASH_ATTN") == "1")
     tokens = llm.tokenize(probe_text().encode(), add_bos=True)[:n_tokens]
     assert len(tokens) == n_tokens, len(tokens)
     llm.eval(tokens)
