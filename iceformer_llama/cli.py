@@ -1,4 +1,4 @@
-"""python -m iceformer_llama COMMAND: setup, build, download, chat, generate."""
+"""python -m iceformer_llama COMMAND: setup, build, download, chat, generate, bench, eval, serve."""
 
 from __future__ import annotations
 
@@ -188,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
     p.set_defaults(func=cmd_generate)
 
-    from . import serve
+    from . import bench, evaluate, serve
+    bench.register(sub)
+    evaluate.register(sub)
     serve.register(sub)
     return parser
 

@@ -15,6 +15,7 @@ Writes the JSON (`--out`) and a PNG beside it: accuracy against prefill speed-up
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -209,6 +210,10 @@ def format_report(result: dict) -> str:
               _f(d["n_tokens"] / d["prefill_seconds_iceformer"], ".1f"),
               _f(d["prefill_seconds_dense"] / d["prefill_seconds_iceformer"], ".2f") + "x")
              for d in result["documents"]]))
+    fa = "off" if result["flash_attn"] != "off" else "on"
+    for f in result.get("rounding_floor", []):
+        parts.append(f"rounding floor at {f['n_tokens']}: dense with flash attention {fa} agrees with dense at "
+                     f"top-1 {f['top1_agreement']:.3f}, KL {f['mean_kl']:.4f}")
     if result["task_summary"]:
         labels = [v["label"] for v in result["variants"]]
         parts.append("\nretrieval accuracy (exact match), dense | each setting (ratio to dense)")
@@ -241,22 +246,50 @@ def _open(args, ctx_size: int, *, logits_all: bool):
     return _open_model(ns, logits_all=logits_all)
 
 
-def run_documents(llm, lengths, variants, *, score_from: float, bar) -> list[dict]:
+def agreement(a, b, first: int) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(a || b)) of two logit arrays (positions x vocab) over rows [first, n-1)."""
+    import numpy as np
+
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        x -= x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    n = len(a) - 1
+    agree = kl = 0.0
+    for lo in range(first, n, 256):
+        hi = min(lo + 256, n)
+        la, lb = log_softmax(a[lo:hi]), log_softmax(b[lo:hi])
+        agree += float((la.argmax(-1) == lb.argmax(-1)).sum())
+        kl += float((np.exp(la) * (la - lb)).sum())
+    count = max(1, n - first)
+    return agree / count, kl / count
+
+
+def run_documents(llm, lengths, variants, *, score_from: float, bar, floor_llm=None) -> tuple[list[dict], list[dict]]:
+    """Each variant against dense on each document; with floor_llm (dense, flash attention flipped), also
+    how far llama.cpp's two dense kernels are from each other: the rounding floor of these metrics."""
     from .accuracy import compare, dense_reference
     from .corpus import document_tokens
 
-    docs = []
+    docs, floor = [], []
     for n in lengths:
         tokens = document_tokens(llm, n)
         dense, dense_s = dense_reference(llm, tokens)
         bar.update(1)
         first = min(int(score_from * n), n - 2)
+        if floor_llm is not None:
+            other, _ = dense_reference(floor_llm, tokens)
+            top1, kl = agreement(dense, other, first)
+            floor.append({"n_tokens": n, "first_position": first, "top1_agreement": top1, "mean_kl": kl})
+            del other
+            bar.update(1)
         for label, settings in variants:
             c = compare(llm, tokens, settings, dense, dense_s, first_position=first)
             docs.append({"variant": label, **c.as_dict()})
             bar.update(1)
         del dense
-    return docs
+    return docs, floor
 
 
 def run_tasks(llm, tasks, lengths, depths, trials: int, variants, *, seed: int, n_predict: int, bar) -> list[dict]:
@@ -300,6 +333,10 @@ def plot(result: dict, path: Path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{n} tokens")
         for x, y, label in pts:
             ax.annotate(number[label], (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    floor = result.get("rounding_floor") or []
+    if floor:
+        ax.axhline(sum(f["top1_agreement"] for f in floor) / len(floor), color="grey", lw=1, ls=":",
+                   label="dense vs dense, flash attention flipped")
     ax.axvline(1.0, color="grey", lw=1, ls="--")
     ax.set_xlabel("prefill speed-up over dense (same run)")
     ax.set_ylabel("top-1 agreement with dense")
@@ -360,12 +397,19 @@ def cmd_eval(args) -> int:
     seed = 0 if args.seed is None else args.seed
     started = time.time()
     progress = sys.stderr.isatty()
-    total = len(lengths) * (1 + len(variants)) + len(tasks) * len(task_lengths) * len(args.depths) * args.trials * (1 + len(variants))
-    docs, records = [], []
+    total = len(lengths) * (1 + len(variants) + int(args.rounding_floor == "on")) + len(tasks) * len(task_lengths) * len(args.depths) * args.trials * (1 + len(variants))
+    docs, records, floor = [], [], []
     with tqdm(total=total, desc="eval", unit="run", file=sys.stderr, disable=not progress) as bar:
         if lengths:
-            with _open(args, max(lengths) + _CTX_SLACK, logits_all=True) as llm:
-                docs = run_documents(llm, lengths, variants, score_from=args.score_from, bar=bar)
+            with contextlib.ExitStack() as stack:
+                llm = stack.enter_context(_open(args, max(lengths) + _CTX_SLACK, logits_all=True))
+                floor_llm = None
+                if args.rounding_floor == "on":
+                    flipped = argparse.Namespace(**vars(args))
+                    flipped.flash_attn = "off" if args.flash_attn != "off" else "on"
+                    floor_llm = stack.enter_context(_open(flipped, max(lengths) + _CTX_SLACK, logits_all=True))
+                docs, floor = run_documents(llm, lengths, variants, score_from=args.score_from, bar=bar,
+                                            floor_llm=floor_llm)
         if tasks and task_lengths:
             with _open(args, max(task_lengths) + args.n_predict + _CTX_SLACK, logits_all=False) as llm:
                 records = run_tasks(llm, tasks, task_lengths, args.depths, args.trials, variants, seed=seed,
@@ -381,7 +425,7 @@ def cmd_eval(args) -> int:
         "task_lengths": task_lengths if tasks else [], "depths": args.depths, "trials": args.trials, "seed": seed,
         "n_predict": args.n_predict, "tasks": tasks,
         "variants": [{"label": label, "knobs": s.overrides()} for label, s in variants],
-        "documents": docs, "task_summary": task_summary(records, labels),
+        "documents": docs, "rounding_floor": floor, "task_summary": task_summary(records, labels),
         "summary": overall_summary(docs, records, labels), "task_records": records,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "wall_seconds": round(time.time() - started, 1),
@@ -452,6 +496,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", "-b", type=_positive, default=512, help="prompt tokens per ubatch (default 512)")
     p.add_argument("--flash-attn", choices=("on", "off", "auto"), default="auto",
                    help="flash attention in dense attention (default auto)")
+    p.add_argument("--rounding-floor", choices=("on", "off"), default="on", type=str.lower,
+                   help="also compare dense with flash attention flipped: how far llama.cpp's own two dense "
+                        "kernels differ, the floor under the agreement and KL numbers (default on)")
     p.add_argument("--out", "-o", default="results/eval.json", help="JSON path; the PNG goes beside it")
     add_arguments(p)  # the knob flags: the base every --variant starts from (--attention is not used)
     p.set_defaults(func=cmd_eval)

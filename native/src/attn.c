@@ -25,6 +25,7 @@ enum ice_status ice_attn_state_init(const struct ice_attn_params * params, struc
     if (st != ICE_STATUS_OK) return st;
     struct ice_attn_state * s = calloc(1, sizeof *s);
     if (!s) return ICE_STATUS_NO_MEMORY;
+    ice_tail_init_tables();
     s->p = *params;
     *out = s;
     return ICE_STATUS_OK;
@@ -48,7 +49,7 @@ static void head_free(struct ice_head * h) {
 static void thread_free(struct ice_thread * t) {
     if (!t) return;
     ice_dci_scratch_free(&t->dci);
-    free(t->vis); free(t->vis_bcnt); free(t->q); free(t->sc); free(t->qk); free(t->bsc); free(t->bsel); free(t->partial); free(t->uni); free(t->stamp);
+    free(t->vis); free(t->vis_bcnt); free(t->q); free(t->sc); free(t->qk); free(t->bsc); free(t->bsel); free(t->bqk); free(t->q2); free(t->partial); free(t->uni); free(t->stamp);
     free(t->heap_s); free(t->heap_i); free(t->w); free(t->tmp); free(t->any); free(t->unres);
     free(t);
 }
@@ -72,7 +73,7 @@ size_t ice_attn_state_memory(const struct ice_attn_state * state) {
         const struct ice_thread * t = state->threads[i];
         if (!t) continue;
         b += sizeof *t + t->dci.cnt_cap + t->dci.cand_cap + t->dci.touched_cap + t->dci.qn_cap +
-             t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->qk_cap + t->bsc_cap + t->bsel_cap + t->partial_cap + t->uni_cap + t->stamp_cap +
+             t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->qk_cap + t->bsc_cap + t->bsel_cap + t->bqk_cap + t->q2_cap + t->partial_cap + t->uni_cap + t->stamp_cap +
              t->heap_s_cap + t->heap_i_cap + t->w_cap + t->tmp_cap + t->any_cap + t->unres_cap;
     }
     return b;
@@ -309,6 +310,7 @@ static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread
         const int32_t pt = (int32_t)heap.id[i];
         if (th->stamp[pt] != gen) { th->stamp[pt] = gen; th->uni[nu++] = pt; }
     }
+    th->bqk_valid = 0;
     if (blocks) {
         const int64_t added = ice_block_select(h, th, p->block_size, p->top_blocks, q, gen, th->uni + nu);
         if (added < 0) return ICE_STATUS_NO_MEMORY;

@@ -47,6 +47,9 @@ struct ice_thread {
     float   * qk;       size_t qk_cap;       // q.k of the union's points (reused by the tail)
     float   * bsc;      size_t bsc_cap;      // coarse search: scores of the chosen blocks
     int32_t * bsel;     size_t bsel_cap;     // coarse search: the chosen blocks
+    float   * bqk;      size_t bqk_cap;      // q . (key sum) per block, for this row and head
+    float   * q2;       size_t q2_cap;       // q squared elementwise (spread term of block scores)
+    int       bqk_valid;                     // bqk holds this row's values (set by the block search)
     int32_t * uni;      size_t uni_cap;      // union of attended points
     uint32_t * stamp;   size_t stamp_cap;    // per point: == gen when in the union
     uint32_t  gen;
@@ -82,6 +85,8 @@ static inline float * ice_out_row(const struct ice_attn_io * io, int64_t s, int6
 }
 
 // tail.c
+// Fills constant tables; called by ice_attn_state_init (single-threaded, before any prepare/forward).
+void ice_tail_init_tables(void);
 int  ice_tail_prepare(struct ice_head * hd, int64_t block_size);
 // Coarse search: among the blocks with points visible to the row (th->vis_bcnt), picks the n_sel with
 // the largest optimistic score and appends their visible points not yet stamped `gen` to out.

@@ -9,12 +9,13 @@
 
 #include "attn_internal.h"
 
-// sum_d q_d^2 var_d
-static float ice_dot_sq(const float * q, const float * var, int64_t n) {
-    float s = 0.0f;
-    for (int64_t d = 0; d < n; d++) s += q[d] * q[d] * var[d];
-    return s;
+#define ICE_LOG_TABLE 1025
+static float ice_log_table[ICE_LOG_TABLE];   // ice_log_table[n] = logf(n), filled by ice_tail_init_tables
+
+void ice_tail_init_tables(void) {
+    for (int n = 1; n < ICE_LOG_TABLE; n++) ice_log_table[n] = logf((float) n);
 }
+
 
 int ice_tail_prepare(struct ice_head * h, int64_t B) {
     const int64_t nb = (h->n_kv + B - 1) / B, dk = h->d_k, dv = h->d_v;
@@ -58,12 +59,16 @@ int64_t ice_block_select(const struct ice_head * h, struct ice_thread * th, int6
         const float * q, uint32_t gen, int32_t * out) {
     (void) B;
     const int64_t nb = h->n_blocks, dk = h->d_k;
-    if (ICE_RESERVE(&th->bsc, &th->bsc_cap, n_sel, 0) || ICE_RESERVE(&th->bsel, &th->bsel_cap, n_sel, 0)) return -1;
+    if (ICE_RESERVE(&th->bsc, &th->bsc_cap, n_sel, 0) || ICE_RESERVE(&th->bsel, &th->bsel_cap, n_sel, 0) ||
+        ICE_RESERVE(&th->bqk, &th->bqk_cap, nb + 1, 0) || ICE_RESERVE(&th->q2, &th->q2_cap, dk, 0)) return -1;
+    for (int64_t d = 0; d < dk; d++) th->q2[d] = q[d] * q[d];
+    th->bqk_valid = 1;
     const int32_t * bcnt = th->vis_bcnt;
     int32_t n = 0;   // chosen so far, kept sorted by decreasing score (n_sel is small)
     for (int64_t b = 0; b < nb; b++) {
         const int32_t c = h->bcount[b];
-        if (c == 0 || bcnt[b] == 0) continue;
+        if (c == 0 || bcnt[b] == 0) { th->bqk[b] = 0.0f; continue; }
+        th->bqk[b] = bcnt[b] == c ? ice_dot(q, h->bk + b * dk, dk) : 0.0f;
         const int32_t first = h->bstart[b], last = h->bstart[b + 1] - 1;
         if (th->stamp[first] == gen && th->stamp[last] == gen) {
             // both ends already attended (sinks/window): skip the block only if nothing is left in it
@@ -78,7 +83,7 @@ int64_t ice_block_select(const struct ice_head * h, struct ice_thread * th, int6
         float sc;
         if (bcnt[b] == c) {
             const float * var = h->bvar + b * dk;
-            sc = ice_dot(q, h->bk + b * dk, dk) / (float) c + 2.0f * sqrtf(ice_dot_sq(q, var, dk));
+            sc = th->bqk[b] / (float) c + 2.0f * sqrtf(ice_dot(th->q2, var, dk));
         } else {
             sc = -INFINITY;
             for (int32_t pt = first; pt <= last; pt++) {
@@ -116,7 +121,9 @@ int ice_tail_row(const struct ice_head * h, struct ice_thread * th, int64_t B, f
     const int32_t * bcnt = th->vis_bcnt;
     for (int64_t b = 0; b < nb; b++) {
         rest[b] = (float)bcnt[b];
-        qs[b] = (bcnt[b] > 0 && bcnt[b] == h->bcount[b]) ? ice_dot(q, h->bk + b * dk, dk) : 0.0f;
+        // the block search already computed q . (key sum) of every fully visible block for this row
+        qs[b] = (bcnt[b] > 0 && bcnt[b] == h->bcount[b])
+              ? (th->bqk_valid ? th->bqk[b] : ice_dot(q, h->bk + b * dk, dk)) : 0.0f;
     }
     for (int64_t i = 0; i < nu; i++) {
         const int64_t b = h->cells[uni[i]] / B;
@@ -136,7 +143,8 @@ int ice_tail_row(const struct ice_head * h, struct ice_thread * th, int64_t B, f
     for (int64_t i = 0; i < nu; i++) if (sc[i] > mx) mx = sc[i];
     for (int64_t b = 0; b < nb; b++) {
         if (rest[b] > 0.5f) {
-            qs[b] = scale * qs[b] / rest[b] + logf(rest[b]);
+            const int32_t r = (int32_t) rest[b];   // a whole count; log of small counts is tabled
+            qs[b] = scale * qs[b] / rest[b] + (r < ICE_LOG_TABLE ? ice_log_table[r] : logf(rest[b]));
             if (qs[b] > mx) mx = qs[b];
         }
     }
