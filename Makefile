@@ -21,7 +21,7 @@ chat: setup
 test: $(VENV)/.installed
 	$(PY) -m iceformer_llama setup --stock $(if $(JOBS),-j $(JOBS))
 	$(PY) -m pytest -q -rs tests
-	bash scripts/native_sanitize.sh $(PY)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/native_sanitize.sh
 
 clean-venv:
 	rm -rf $(VENV)
