@@ -10,6 +10,7 @@ import sys
 
 from . import _pins
 from .errors import IceformerError, UsageError
+from .settings import int_at_least
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,24 +20,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see: python -m iceformer_llama {self.prog.split()[-1]} --help)\n")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive = int_at_least(1)
+_non_negative = int_at_least(0)
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, ctx_default: int) -> None:

