@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from .errors import IceformerError, UsageError
+from .report import write_results
 from .settings import IceformerSettings
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192)
@@ -341,12 +342,7 @@ def cmd_bench(args) -> int:
         "rows": measured["rows"], "runs": measured["runs"],
     }
     print(format_table(result["rows"]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    png = out.with_suffix(".png")
-    plot(result, png)
-    print(f"wrote {out} and {png}", file=sys.stderr)
+    write_results(result, args.out, plot)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -61,9 +62,8 @@ def cmd_setup(args) -> int:
     """Installs llama-cpp-python's Python layer, fetches the bundled model, builds the backends."""
     from . import build, models
 
-    try:
-        import llama_cpp  # noqa: F401  (only probing: nothing is loaded by this import's absence)
-    except ImportError:
+    # find_spec, not import: importing llama_cpp loads a libllama, and none is chosen yet
+    if importlib.util.find_spec("llama_cpp") is None:
         print(f"installing llama-cpp-python {_pins.LLAMA_CPP_PYTHON_VERSION} (Python layer only)", file=sys.stderr)
         env = dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD=OFF")
         rc = subprocess.call([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",

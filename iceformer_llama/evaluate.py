@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from .errors import UsageError
+from .report import write_results
 from .settings import IceformerSettings
 
 DEFAULT_LENGTHS = (1024, 2048, 4096)
@@ -431,12 +432,7 @@ def cmd_eval(args) -> int:
         "wall_seconds": round(time.time() - started, 1),
     }
     print(format_report(result))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    png = out.with_suffix(".png")
-    plot(result, png)
-    print(f"wrote {out} and {png}", file=sys.stderr)
+    write_results(result, args.out, plot)
     return 0
 
 
