@@ -10,9 +10,11 @@
 //
 //  2. An attention op that llama.cpp's graph calls through ggml_custom_4d, on
 //     ggml's own threads (ith of nth). Each query attends exactly (one softmax) to
-//     the union of its top-k keys from the index, the first n_sinks visible keys
-//     and the last `window` visible keys, optionally plus an estimate of the
-//     remaining keys from block summaries (the "tail").
+//     the union of the first n_sinks visible keys, the last `window` visible keys,
+//     its top-k keys from the index (k-NN search, top_k > 0) and every visible key of
+//     the top_blocks blocks of block_size cells with the best score (coarse block
+//     search), optionally plus an estimate of the remaining keys from block
+//     summaries (the "tail").
 //
 // Layouts. Tensors are described by struct ice_view, which mirrors ggml's: ne[0]
 // is the fastest-varying dimension, nb[i] is the stride of dimension i in bytes.
