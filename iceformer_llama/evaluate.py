@@ -249,22 +249,10 @@ def _open(args, ctx_size: int, *, logits_all: bool):
 
 def agreement(a, b, first: int) -> tuple[float, float]:
     """(top-1 agreement, mean KL(a || b)) of two logit arrays (positions x vocab) over rows [first, n-1)."""
-    import numpy as np
+    from .accuracy import compare_logits
 
-    def log_softmax(x):
-        x = x.astype(np.float64)
-        x -= x.max(axis=-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-    n = len(a) - 1
-    agree = kl = 0.0
-    for lo in range(first, n, 256):
-        hi = min(lo + 256, n)
-        la, lb = log_softmax(a[lo:hi]), log_softmax(b[lo:hi])
-        agree += float((la.argmax(-1) == lb.argmax(-1)).sum())
-        kl += float((np.exp(la) * (la - lb)).sum())
-    count = max(1, n - first)
-    return agree / count, kl / count
+    agree, kl, _, _ = compare_logits(a, b, first)
+    return agree, kl
 
 
 def run_documents(llm, lengths, variants, *, score_from: float, bar, floor_llm=None) -> tuple[list[dict], list[dict]]:
