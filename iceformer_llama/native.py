@@ -200,6 +200,7 @@ class AttnParams:
     seed: int
     exact_search: bool
     tail_estimate: bool
+    persistent: bool
 
     @classmethod
     def default(cls, **overrides) -> "AttnParams":
@@ -299,12 +300,26 @@ def _run_threads(fn, n_threads: int, concurrent: bool, what: str) -> None:
         _check(r, what)
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheWrite:
+    """What one evaluation tells a persistent state (struct ice_attn_io's persistence fields):
+    the cells it writes (llama.cpp's k_idxs form: stream * stream_cells + cell), the cache size per
+    stream, and the cache versions before and after (epoch_after 0: rebuild, keep nothing)."""
+
+    written: tuple[int, ...]
+    stream_cells: int
+    epoch_before: int
+    epoch_after: int
+
+
 def attention(q, k, v, mask, scale: float, params: AttnParams | None = None, *, mode: str = "iceformer",
               n_threads: int = 1, v_transposed: bool = False, state: AttentionState | None = None,
-              concurrent: bool = False) -> np.ndarray:
+              concurrent: bool = False, write: CacheWrite | None = None) -> np.ndarray:
     """Runs ice_attn_prepare + ice_attn_forward (mode="iceformer") or ice_attn_dense
     (mode="dense") for ith in range(n_threads) and returns out (see the module docstring).
-    n_threads > 1 calls the threads one after another unless concurrent=True (real threads)."""
+    n_threads > 1 calls the threads one after another unless concurrent=True (real threads).
+    write: persistence information for `state` (k and v must then be views of one buffer that
+    stays in place across calls, as llama.cpp's cache does)."""
     if mode not in ("iceformer", "dense"):
         raise ValueError(f"mode must be 'iceformer' or 'dense', not {mode!r}")
     n_threads = int(n_threads)
@@ -335,7 +350,12 @@ def attention(q, k, v, mask, scale: float, params: AttnParams | None = None, *, 
     io = ffi.new("struct ice_attn_io *")
     io.q, io.k, io.v, io.mask, io.out = qv[0], kv[0], vv[0], mv[0], ov[0]
     io.scale = float(scale)
-    keep = (q, k, v, mask, out)  # noqa: F841 - alive for the calls
+    written = None
+    if write is not None:
+        written = ffi.new("int64_t[]", list(write.written) or [0])
+        io.written, io.n_written = written, len(write.written)
+        io.stream_cells, io.epoch_before, io.epoch_after = write.stream_cells, write.epoch_before, write.epoch_after
+    keep = (q, k, v, mask, out, written)  # noqa: F841 - alive for the calls
     if mode == "dense":
         _run_threads(lambda ith: lib.ice_attn_dense(io, ith, n_threads), n_threads, concurrent, "ice_attn_dense")
     else:

@@ -37,6 +37,8 @@ class IceformerSettings:
     exact_search: bool | None = _knob("--exact-search", "brute-force top-k instead of DCI (reference)", kind=bool)
     tail_estimate: bool | None = _knob("--tail-estimate", "estimate unretrieved keys from block summaries",
                                        kind=bool)
+    persistent: bool | None = _knob("--persistent", "keep block summaries and the index across decode calls "
+                                    "(off: rebuild them every call, the reference)", kind=bool)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

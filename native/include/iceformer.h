@@ -34,7 +34,7 @@
 //   struct ice_attn_params ap = ice_attn_default_params();
 //   struct ice_attn_state * st;  ice_attn_state_init(&ap, &st);   // once per layer
 //   // per graph evaluation, two ops in order (ggml runs them on its threads):
-//   ice_attn_prepare(st, &io, ith, nth);   // builds per-KV-head indices and summaries
+//   ice_attn_prepare(st, &io, ith, nth);   // builds (or, persistent, updates) per-KV-head summaries/indices
 //   ice_attn_forward(st, &io, ith, nth);   // answers every (query row, head)
 //   ice_attn_state_free(st);
 //
@@ -147,6 +147,8 @@ struct ice_attn_params {
     uint64_t seed;            // DCI projection seed
     bool     exact_search;    // use the brute-force index instead of DCI (oracle / debugging)
     bool     tail_estimate;   // add the block-summary estimate of keys not attended exactly
+    bool     persistent;      // keep block summaries and the DCI index across evaluations, updating only
+                              // what io->written names (needs io->epoch_*); false: rebuild on every call
 };
 
 // Defaults, chosen from measurements on SmolLM2-135M (README, "Results"): the coarse block
@@ -182,6 +184,17 @@ struct ice_attn_io {
     struct ice_view mask;
     struct ice_view out;
     float           scale;  // multiplies q.k before the softmax
+    // Persistence (prepare only; all zero: the state is rebuilt from the views on every call).
+    // The caller numbers the versions of its cache: epoch_before is the version the previous
+    // evaluation left, epoch_after != 0 the version after this one's writes. State built at a version
+    // other than epoch_before (the cache was edited, shifted, reloaded, or written without this op) is
+    // rebuilt; otherwise only the blocks of the written cells are recomputed (and the DCI index updated).
+    const int64_t * written;        // n_written cells this evaluation writes, as llama.cpp's k_idxs:
+                                    // global stream * stream_cells + cell; the lowest stream is view stream 0
+    int64_t         n_written;
+    int64_t         stream_cells;   // cells per stream in the cache (ids in `written`); >= k.ne[1]
+    uint64_t        epoch_before;
+    uint64_t        epoch_after;
 };
 
 struct ice_attn_state;  // opaque: per-layer indices, block summaries, scratch
@@ -192,7 +205,7 @@ enum ice_status ice_attn_state_init(const struct ice_attn_params * params, struc
 // Replaces the parameters (between evaluations only).
 enum ice_status ice_attn_state_set_params(struct ice_attn_state * state, const struct ice_attn_params * params);
 
-// Phase 1 of one evaluation: builds the per-KV-head search structures for `io`.
+// Phase 1 of one evaluation: builds or updates the per-KV-head search structures for `io`.
 // Called by every thread ith in [0, nth); must complete on all threads before phase 2 starts
 // (llama.cpp guarantees this by making phase 2 a graph node that depends on phase 1).
 enum ice_status ice_attn_prepare(struct ice_attn_state * state, const struct ice_attn_io * io, int ith, int nth);

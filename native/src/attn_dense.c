@@ -9,6 +9,19 @@ static int view_ok(const struct ice_view * v) {
     return 1;
 }
 
+// Global stream of view stream 0: the lowest stream among the written cells (llama.cpp's views
+// start at the ubatch's first stream).
+static int64_t io_stream0(const struct ice_attn_io * io) {
+    if (!io->written || io->n_written <= 0 || io->stream_cells <= 0) return 0;
+    int64_t s0 = INT64_MAX;
+    for (int64_t i = 0; i < io->n_written; i++) {
+        if (io->written[i] < 0) continue;
+        const int64_t s = io->written[i] / io->stream_cells;
+        if (s < s0) s0 = s;
+    }
+    return s0 == INT64_MAX ? 0 : s0;
+}
+
 enum ice_status ice_attn_check_io(const struct ice_attn_io * io, struct ice_dims * dm, bool need_out) {
     if (!io) return ICE_STATUS_INVALID_ARG;
     if (!view_ok(&io->q) || !view_ok(&io->k) || !view_ok(&io->v) || !view_ok(&io->mask)) {
@@ -28,6 +41,9 @@ enum ice_status ice_attn_check_io(const struct ice_attn_io * io, struct ice_dims
         return ICE_STATUS_INVALID_ARG;
     }
     if (io->mask.nb[0] != ice_type_size(io->mask.type)) return ICE_STATUS_UNSUPPORTED;   // rows must be contiguous
+    if (io->k.nb[0] != ice_type_size(io->k.type)) return ICE_STATUS_UNSUPPORTED;         // keys are read as rows
+    if (io->written && (io->n_written < 0 || io->stream_cells < dm->n_kv)) return ICE_STATUS_INVALID_ARG;
+    dm->stream0 = io_stream0(io);
     if (!need_out) return ICE_STATUS_OK;   // prepare never writes the output
     const struct ice_view * o = &io->out;
     if (o->ne[0] != dm->d_v || o->ne[1] != dm->n_head || o->ne[2] != dm->n_tok || o->ne[3] != dm->n_stream) {

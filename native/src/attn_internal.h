@@ -8,36 +8,45 @@
 #define ICE_MAX_THREADS 1024   // largest nth accepted by prepare/forward
 #define ICE_MAX_HEADS   8192   // largest n_stream * n_head_kv
 
-// Per (stream, KV head): written by one thread in prepare, read by all in forward.
+// K and V rows of one (stream, KV head), read in place from the cache views (no copies: the
+// persistent state must stay small next to the KV cache it indexes).
+struct ice_kv {
+    const char * k; size_t k_nb1; enum ice_type kt;          // key of cell j: d_k contiguous elements at k + j*k_nb1
+    const char * v; size_t v_nb0, v_nb1; enum ice_type vt;   // value of cell j, element d: v + d*v_nb0 + j*v_nb1
+    int64_t d_k, d_v;
+};
+
+// Per (global stream, KV head): written by one thread in prepare, read by all in forward.
+// Block b covers cells [b*B, min((b+1)*B, n_kv)) whatever they hold (empty and other-sequence cells
+// included): a row uses a block's sums only when it sees every cell of the block; blocks the mask cuts
+// are read cell by cell. So the sums depend on the cache's contents alone, never on the rows, and are
+// kept across evaluations: prepare recomputes only the blocks whose cells were written (or all of them
+// when the cache version says something else changed).
 struct ice_head {
     // what it was prepared for (checked by forward)
-    const void * kdata; const void * vdata; const void * mdata;
+    const char * kbase; const char * vbase; const void * mdata;
     int64_t n_kv, d_k, d_v;
     enum ice_status status;
-    // points: the cells visible to at least one row, ascending; rows of k32/v32 are points
-    int64_t   n_pts;
-    int32_t * cells;    size_t cells_cap;    // n_pts: point -> cell
-    float   * k32;      size_t k32_cap;      // n_pts*d_k
-    float   * v32;      size_t v32_cap;      // n_pts*d_v
-    bool      indexed;                       // dci built (DCI search) or exact search allowed
-    struct ice_dci dci;
-    // tail: block b covers cells [b*B, (b+1)*B); sums over its points
+    uint64_t  epoch;                         // cache version the summaries and index reflect; 0 = none
+    bool      indexed;                       // summaries (and the DCI index, for k-NN search) are built
+    bool      dci_built;                     // dci holds cells 0..dci.n-1
+    struct ice_dci dci;                      // DCI over cells (point number = cell)
+    int64_t   B;                             // block size the summaries were built with
     int64_t   n_blocks;
-    int32_t * bcount;   size_t bcount_cap;   // n_blocks: points per block
+    int32_t * bcount;   size_t bcount_cap;   // n_blocks: cells per block (B, or fewer for the last)
     float   * bk;       size_t bk_cap;       // n_blocks*d_k: sum of keys
     float   * bvar;     size_t bvar_cap;     // n_blocks*d_k: per-dimension variance of the block's keys
     float   * bv;       size_t bv_cap;       // n_blocks*d_v: sum of values
-    int32_t * bstart;   size_t bstart_cap;   // n_blocks+1: first point of each block (points ascend by cell)
 };
 
 // Per thread ith: grow-only scratch.
 struct ice_thread {
     struct ice_dci_scratch dci;
-    // visible points of row (s, t), cached across heads
-    const void * vis_mask; int64_t vis_s, vis_t, vis_npts; int vis_blocks;
-    int32_t * vis;      size_t vis_cap;      // visible points, ascending
+    // visible cells of row (s, t), cached across heads
+    const void * vis_mask; int64_t vis_s, vis_t, vis_nkv, vis_B; int vis_blocks;
+    int32_t * vis;      size_t vis_cap;      // visible cells, ascending
     int64_t   n_vis;
-    int32_t * vis_bcnt; size_t vis_bcnt_cap; // visible points per block for this row
+    int32_t * vis_bcnt; size_t vis_bcnt_cap; // visible cells per block for this row
     int32_t * partial;  size_t partial_cap;  // blocks the mask cuts for this row (0 < visible < all)
     int64_t   n_partial;
     const void * vis_mrow;                   // the mask row the visibility was computed from
@@ -50,17 +59,18 @@ struct ice_thread {
     float   * bqk;      size_t bqk_cap;      // q . (key sum) per block, for this row and head
     float   * q2;       size_t q2_cap;       // q squared elementwise (spread term of block scores)
     int       bqk_valid;                     // bqk holds this row's values (set by the block search)
-    int32_t * uni;      size_t uni_cap;      // union of attended points
-    uint32_t * stamp;   size_t stamp_cap;    // per point: == gen when in the union
+    int32_t * uni;      size_t uni_cap;      // union of attended cells
+    uint32_t * stamp;   size_t stamp_cap;    // per cell: == gen when in the union
     uint32_t  gen;
     float   * heap_s;   size_t heap_s_cap;
     int64_t * heap_i;   size_t heap_i_cap;
     float   * w;        size_t w_cap;        // tail: per-block weights
     float   * tmp;      size_t tmp_cap;
-    // stream scan cache for prepare
-    const void * any_mask; int64_t any_s, any_nkv, any_ntok;
-    uint8_t * any;      size_t any_cap;
-    int32_t * unres;    size_t unres_cap;
+    // prepare
+    float   * krow;     size_t krow_cap;     // one key and one value as f32
+    uint8_t * dirty;    size_t dirty_cap;    // per block: to recompute
+    float   * k32;      size_t k32_cap;      // all keys as f32 while a DCI index is built (freed after)
+    uint8_t * stat;     size_t stat_cap;     // cells whose keys set the DCI embedding's mean and M
 };
 
 struct ice_attn_state {
@@ -72,6 +82,7 @@ struct ice_attn_state {
 // Validates io; fills the common sizes.
 struct ice_dims {
     int64_t d_k, d_v, n_tok, n_head, n_head_kv, n_stream, n_kv, gqa;
+    int64_t stream0;   // global stream of view stream 0 (from io->written; 0 without persistence)
 };
 // need_out: also check io->out (forward/dense); prepare passes false, it has no output yet.
 enum ice_status ice_attn_check_io(const struct ice_attn_io * io, struct ice_dims * dm, bool need_out);
@@ -84,19 +95,43 @@ static inline float * ice_out_row(const struct ice_attn_io * io, int64_t s, int6
     return (float *)(void *)((char *)io->out.data + h * io->out.nb[1] + t * io->out.nb[2] + s * io->out.nb[3]);
 }
 
+static inline void ice_kv_of(struct ice_kv * kv, const struct ice_attn_io * io, int64_t hk, int64_t s) {
+    kv->k = ice_view_ptr(&io->k, 0, 0, hk, s); kv->k_nb1 = io->k.nb[1]; kv->kt = io->k.type;
+    kv->v = ice_view_ptr(&io->v, 0, 0, hk, s); kv->v_nb0 = io->v.nb[0]; kv->v_nb1 = io->v.nb[1]; kv->vt = io->v.type;
+    kv->d_k = io->k.ne[0]; kv->d_v = io->v.ne[0];
+}
+
+// q . key of cell j
+static inline float ice_kv_dot(const struct ice_kv * kv, const float * q, int64_t j) {
+    const void * p = kv->k + (size_t)j * kv->k_nb1;
+    return kv->kt == ICE_TYPE_F16 ? ice_dot_f16(q, (const uint16_t *)p, kv->d_k) : ice_dot(q, (const float *)p, kv->d_k);
+}
+
+// o += w * value of cell j
+static inline void ice_kv_axpy(const struct ice_kv * kv, float * o, float w, int64_t j) {
+    const char * p = kv->v + (size_t)j * kv->v_nb1;
+    if (kv->v_nb0 == ice_type_size(kv->vt)) {
+        if (kv->vt == ICE_TYPE_F16) ice_axpy_f16(o, w, (const uint16_t *)(const void *)p, kv->d_v);
+        else ice_axpy(o, w, (const float *)(const void *)p, kv->d_v);
+        return;
+    }
+    for (int64_t d = 0; d < kv->d_v; d++) o[d] += w * ice_load(kv->vt, p + (size_t)d * kv->v_nb0);   // transposed V
+}
+
 // tail.c
 // Fills constant tables; called by ice_attn_state_init (single-threaded, before any prepare/forward).
 void ice_tail_init_tables(void);
-int  ice_tail_prepare(struct ice_head * hd, int64_t block_size);
-// Coarse search: among the blocks with points visible to the row (th->vis_bcnt), picks the n_sel with
-// the largest optimistic score and appends their visible points not yet stamped `gen` to out.
-// Returns the number appended, -1 when out of memory. out must hold n_sel * block_size points.
-int64_t ice_block_select(const struct ice_head * hd, struct ice_thread * th, int64_t block_size, int32_t n_sel,
+// Recomputes block b's count, sums and variance from the cache. krow: scratch of d_k floats.
+void ice_tail_block(struct ice_head * hd, const struct ice_kv * kv, int64_t b, float * krow);
+// Coarse search: among the blocks with cells visible to the row (th->vis_bcnt), picks the n_sel with
+// the largest optimistic score and appends their visible cells not yet stamped `gen` to out.
+// Returns the number appended, -1 when out of memory. out must hold n_sel * block_size cells.
+int64_t ice_block_select(const struct ice_head * hd, const struct ice_kv * kv, struct ice_thread * th, int32_t n_sel,
         const float * q, uint32_t gen, int32_t * out);
 // Adds the estimate of the visible points outside the union to a row: given the union
-// `uni` (n_uni points) with scores sc (scale*q.k + mask, already computed), writes per-union
+// `uni` (n_uni cells) with scores sc (scale*q.k + mask, already computed), writes per-union
 // weights and the output. Returns 0 on success.
-int  ice_tail_row(const struct ice_head * hd, struct ice_thread * th, int64_t block_size, float scale,
+int  ice_tail_row(const struct ice_head * hd, const struct ice_kv * kv, struct ice_thread * th, float scale,
         const float * q, const int32_t * uni, int64_t n_uni, float * sc, float * out);
 
 #endif

@@ -71,6 +71,9 @@ static inline uint16_t ice_f32_to_f16(float f) {
 float ice_dot(const float * a, const float * b, int64_t n);
 // y[i] += a * x[i]
 void  ice_axpy(float * y, float a, const float * x, int64_t n);
+// the same with b (resp. x) in IEEE half precision, read in place
+float ice_dot_f16(const float * a, const uint16_t * b, int64_t n);
+void  ice_axpy_f16(float * y, float a, const uint16_t * x, int64_t n);
 // dst[i] = f32(src[i]) for n contiguous halves
 void  ice_f16_row_to_f32(float * dst, const uint16_t * src, int64_t n);
 // name of the kernel variant in use ("avx512", "avx2", "scalar")
@@ -158,6 +161,14 @@ static inline float ice_topk_min(const struct ice_topk * h) {
 // Sorts the heap contents by decreasing score (ties: increasing id) in place.
 void ice_topk_sort(struct ice_topk * h);
 
+// Rows stored by someone else: row i at data + i*stride bytes, of `type` (f16 rows are read in place).
+struct ice_rows { const char * data; enum ice_type type; size_t stride; };
+
+static inline float ice_rows_dot(const struct ice_rows * r, const float * q, int64_t i, int64_t dim) {
+    const void * p = r->data + (size_t)i * r->stride;
+    return r->type == ICE_TYPE_F16 ? ice_dot_f16(q, (const uint16_t *)p, dim) : ice_dot(q, (const float *)p, dim);
+}
+
 // ---------------------------------------------------------------------------
 // DCI core (index_dci.c): Prioritized DCI over embedded keys. Points are numbered
 // 0..n-1; the caller owns the key rows (keys + i*stride) and maps numbers to ids.
@@ -192,11 +203,16 @@ void ice_dci_init(struct ice_dci * d, int32_t dim, int32_t L, int32_t m, uint64_
 void ice_dci_free(struct ice_dci * d);
 size_t ice_dci_memory(const struct ice_dci * d);
 // (Re)builds over n points: key i at keys + i*stride (dim floats). 0 on success.
-// The centring mean and M come from points 0..n_stat-1 (0: all). Keys with a larger norm
+// The centring mean and M come from the points with stat[i] != 0 (stat NULL: all), and M is
+// multiplied by headroom (>= 1) so that later keys up to that norm can be upserted. Keys with a larger norm
 // embed with a clamped extra coordinate. The attention passes the points every row sees,
 // so that keys hidden from a row (future tokens) cannot change the walk order of its
 // visible keys: invisible keys are skipped without using budget, hence causality.
-int ice_dci_build(struct ice_dci * d, const float * keys, int64_t stride, int64_t n, int64_t n_stat);
+int ice_dci_build(struct ice_dci * d, const float * keys, int64_t stride, int64_t n, const uint8_t * stat, float headroom);
+// Sets the key of point pt (pt < n: replaces it; pt == n: appends it), keeping every simple
+// index sorted (O(n) per simple index). Returns 0, -1 when out of memory, or 1 when the key's
+// centred norm exceeds M (it cannot be embedded: the caller rebuilds with a new M).
+int ice_dci_upsert(struct ice_dci * d, const float * key, int32_t pt);
 // Removes point number `victim` and renames point `last` to `victim` (swap-with-last).
 void ice_dci_remove_swap(struct ice_dci * d, int32_t victim, int32_t last);
 void ice_dci_scratch_free(struct ice_dci_scratch * s);
@@ -206,7 +222,7 @@ typedef int (*ice_visible_fn)(const void * ctx, int64_t point);
 
 // Search: fills `out` (a heap with k set, storage provided) with point numbers.
 // visit_budget: pops per composite index (>0); retrieve_budget: candidates scored (>0).
-int ice_dci_search(const struct ice_dci * d, const float * keys, int64_t stride,
+int ice_dci_search(const struct ice_dci * d, const struct ice_rows * keys,
         const float * query, int32_t visit_budget, int32_t retrieve_budget,
         ice_visible_fn visible, const void * vctx,
         struct ice_dci_scratch * s, struct ice_topk * out);

@@ -142,10 +142,10 @@ enum ice_status ice_index_add(struct ice_index * ix, int64_t n, const float * ke
     }
     memcpy(ix->keys + n_old * dim, keys, (size_t)(n * dim) * sizeof(float));
     ix->n = n_old + n;
-    if (ix->p.kind == ICE_INDEX_DCI && ice_dci_build(&ix->dci, ix->keys, dim, ix->n, 0) != 0) {
+    if (ix->p.kind == ICE_INDEX_DCI && ice_dci_build(&ix->dci, ix->keys, dim, ix->n, NULL, 1.0f) != 0) {
         for (int64_t i = 0; i < n; i++) map_del(ix, ix->ids[n_old + i]);
         ix->n = n_old;
-        ice_dci_build(&ix->dci, ix->keys, dim, ix->n, 0);   // shrinking never allocates
+        ice_dci_build(&ix->dci, ix->keys, dim, ix->n, NULL, 1.0f);   // shrinking never allocates
         return ICE_STATUS_NO_MEMORY;
     }
     return ICE_STATUS_OK;
@@ -206,7 +206,8 @@ enum ice_status ice_index_search(
         const int32_t rb = ix->p.retrieve_budget > 0 ? ix->p.retrieve_budget : ice_dci_auto_retrieve(k, ix->n);
         struct filter_ctx fc = { filter, ix->ids };
         // DCI heap holds point numbers; translate to ids afterwards
-        if (ice_dci_search(&ix->dci, ix->keys, dim, query, vb, rb,
+        const struct ice_rows rows = { (const char *)ix->keys, ICE_TYPE_F32, (size_t)dim * sizeof(float) };
+        if (ice_dci_search(&ix->dci, &rows, query, vb, rb,
                            filter ? filter_visible_point : NULL, &fc, &s, &h) != 0) {
             st = ICE_STATUS_NO_MEMORY;
             h.n = 0;

@@ -83,7 +83,7 @@ static void radix3(uint32_t * a, int32_t * ia, uint32_t * b, int32_t * ib, int64
     }
 }
 
-int ice_dci_build(struct ice_dci * d, const float * keys, int64_t stride, int64_t n, int64_t n_stat) {
+int ice_dci_build(struct ice_dci * d, const float * keys, int64_t stride, int64_t n, const uint8_t * stat, float headroom) {
     const int64_t dim = d->dim, D = dim + 1, nd = (int64_t)d->L * d->m;
     if ((int64_t)d->L * n > INT32_MAX) return -1;
     if (make_dirs(d)) return -1;
@@ -102,10 +102,10 @@ int ice_dci_build(struct ice_dci * d, const float * keys, int64_t stride, int64_
     float * ext = d->tmpf;                       // extra coordinate sqrt(M^2 - |k - mean|^2)
     float * kc  = d->tmpf + 3 * n;               // one centred key
     // u.(k - mean) = u.k - u.mean: project raw keys, subtract the mean's projection
-    // mean and M from the first n_stat points only (see ice_internal.h)
-    if (n_stat <= 0 || n_stat > n) n_stat = n;
+    // mean and M from the points stat[i] != 0 only (see ice_internal.h)
+    int64_t n_stat = 0;
     memset(d->mean, 0, (size_t)dim * sizeof(float));
-    for (int64_t i = 0; i < n_stat; i++) ice_axpy(d->mean, 1.0f, keys + i * stride, dim);
+    for (int64_t i = 0; i < n; i++) if (!stat || stat[i]) { ice_axpy(d->mean, 1.0f, keys + i * stride, dim); n_stat++; }
     for (int64_t c = 0; c < dim; c++) d->mean[c] = n_stat > 0 ? d->mean[c] / (float)n_stat : 0.0f;
     float M2 = 0;
     for (int64_t i = 0; i < n; i++) {
@@ -113,9 +113,10 @@ int ice_dci_build(struct ice_dci * d, const float * keys, int64_t stride, int64_
         for (int64_t c = 0; c < dim; c++) kc[c] = k[c] - d->mean[c];
         const float nn = ice_dot(kc, kc, dim);
         ext[i] = nn;
-        if (nn > M2 && i < n_stat) M2 = nn;
+        if (nn > M2 && (!stat || stat[i])) M2 = nn;
     }
     if (M2 <= 0) M2 = 1;
+    M2 *= headroom * headroom;
     d->max_norm = sqrtf(M2);
     for (int64_t i = 0; i < n; i++) ext[i] = sqrtf(fmaxf(M2 - ext[i], 0.0f));
     uint32_t * ka = (uint32_t *)(void *)(d->tmpf + n);
@@ -156,6 +157,62 @@ void ice_dci_remove_swap(struct ice_dci * d, int32_t victim, int32_t last) {
     d->n--;
 }
 
+static int64_t lower_bound(const float * p, int64_t n, float x);
+
+// Projection of one key on simple index j, or NAN when the key lies outside the sphere of radius M.
+static float project_one(const struct ice_dci * d, const float * key, int64_t j, float ext) {
+    const int64_t D = d->dim + 1;
+    const float * u = d->dirs + j * D;
+    return ice_dot(u, key, d->dim) - ice_dot(u, d->mean, d->dim) + u[d->dim] * ext;
+}
+
+int ice_dci_upsert(struct ice_dci * d, const float * key, int32_t pt) {
+    const int64_t dim = d->dim, nd = (int64_t)d->L * d->m;
+    if (pt < 0 || pt > d->n) return -1;
+    if (ICE_RESERVE(&d->tmpf, &d->tmpf_cap, dim, 1)) return -1;
+    float nn = 0;
+    for (int64_t c = 0; c < dim; c++) { const float x = key[c] - d->mean[c]; nn += x * x; }
+    const float M2 = d->max_norm * d->max_norm;
+    if (nn > M2) return 1;                       // outside the embedding's sphere: the caller rebuilds
+    const float ext = sqrtf(M2 - nn);
+    if (pt == d->n && d->n + 1 > d->stride) {    // grow every simple index's slots (amortised doubling)
+        const int64_t ns = d->stride * 2 > d->n + 64 ? d->stride * 2 : d->n + 64;
+        float * np = malloc((size_t)(nd * ns) * sizeof(float));
+        int32_t * ni = malloc((size_t)(nd * ns) * sizeof(int32_t));
+        if (!np || !ni) { free(np); free(ni); return -1; }
+        for (int64_t j = 0; j < nd; j++) {
+            memcpy(np + j * ns, d->proj + j * d->stride, (size_t)d->n * sizeof(float));
+            memcpy(ni + j * ns, d->pidx + j * d->stride, (size_t)d->n * sizeof(int32_t));
+        }
+        free(d->proj); free(d->pidx);
+        d->proj = np; d->pidx = ni;
+        d->proj_cap = (size_t)(nd * ns) * sizeof(float); d->pidx_cap = (size_t)(nd * ns) * sizeof(int32_t);
+        d->stride = ns;
+    }
+    const int64_t n_old = pt < d->n ? d->n : d->n;   // entries before the update
+    for (int64_t j = 0; j < nd; j++) {
+        float * pj = d->proj + j * d->stride;
+        int32_t * xj = d->pidx + j * d->stride;
+        int64_t n = n_old;
+        if (pt < d->n) {                         // drop the old entry of pt
+            int64_t i = 0;
+            while (i < n && xj[i] != pt) i++;
+            if (i < n) {
+                memmove(pj + i, pj + i + 1, (size_t)(n - i - 1) * sizeof(float));
+                memmove(xj + i, xj + i + 1, (size_t)(n - i - 1) * sizeof(int32_t));
+                n--;
+            }
+        }
+        const float p = project_one(d, key, j, ext);
+        const int64_t at = lower_bound(pj, n, p);
+        memmove(pj + at + 1, pj + at, (size_t)(n - at) * sizeof(float));
+        memmove(xj + at + 1, xj + at, (size_t)(n - at) * sizeof(int32_t));
+        pj[at] = p; xj[at] = pt;
+    }
+    if (pt == d->n) d->n++;
+    return 0;
+}
+
 // Automatic budgets, from recall measured on structured keys (n = 8192, d = 128, k = 64):
 // every simple index walks max(16k, n/8) keys; candidates are not capped.
 int32_t ice_dci_auto_visit(int32_t k, int32_t m, int64_t n) {
@@ -179,7 +236,7 @@ static int64_t lower_bound(const float * p, int64_t n, float x) {
 
 #define ICE_DCI_MAX_WALKS 4096
 
-int ice_dci_search(const struct ice_dci * d, const float * keys, int64_t stride,
+int ice_dci_search(const struct ice_dci * d, const struct ice_rows * keys,
         const float * query, int32_t visit_budget, int32_t retrieve_budget,
         ice_visible_fn visible, const void * vctx,
         struct ice_dci_scratch * s, struct ice_topk * out) {
@@ -247,7 +304,7 @@ int ice_dci_search(const struct ice_dci * d, const float * keys, int64_t stride,
                 if (++*c == m && !s->cand[pt]) {
                     s->cand[pt] = 1;
                     n_cand++;
-                    ice_topk_push(out, ice_dot(query, keys + (int64_t)pt * stride, dim), pt);
+                    ice_topk_push(out, ice_rows_dot(keys, query, pt, dim), pt);
                 }
                 break;
             }

@@ -32,8 +32,49 @@ static void f16_scalar(float * dst, const uint16_t * src, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] = ice_f16_to_f32(src[i]);
 }
 
+static float dot_f16_scalar(const float * a, const uint16_t * b, int64_t n) {
+    float s0 = 0, s1 = 0;
+    int64_t i = 0;
+    for (; i + 2 <= n; i += 2) { s0 += a[i] * ice_f16_to_f32(b[i]); s1 += a[i + 1] * ice_f16_to_f32(b[i + 1]); }
+    for (; i < n; i++) s0 += a[i] * ice_f16_to_f32(b[i]);
+    return s0 + s1;
+}
+
+static void axpy_f16_scalar(float * y, float a, const uint16_t * x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * ice_f16_to_f32(x[i]);
+}
+
 #ifdef ICE_X86_DISPATCH
 // ---- AVX2 + FMA + F16C ----------------------------------------------------
+
+__attribute__((target("avx2,fma,f16c")))
+static float dot_f16_avx2(const float * a, const uint16_t * b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i),     _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i))),     s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i + 8))), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i))), s0);
+    s0 = _mm256_add_ps(s0, s1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float s = _mm_cvtss_f32(h);
+    for (; i < n; i++) s += a[i] * ice_f16_to_f32(b[i]);
+    return s;
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static void axpy_f16_avx2(float * y, float a, const uint16_t * x, int64_t n) {
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 xv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i)));
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, xv, _mm256_loadu_ps(y + i)));
+    }
+    for (; i < n; i++) y[i] += a * ice_f16_to_f32(x[i]);
+}
 
 __attribute__((target("avx2,fma")))
 static float dot_avx2(const float * a, const float * b, int64_t n) {
@@ -96,6 +137,31 @@ static void axpy_avx512(float * y, float a, const float * x, int64_t n) {
         _mm512_mask_storeu_ps(y + i, mk, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(mk, x + i), _mm512_maskz_loadu_ps(mk, y + i)));
     }
 }
+
+__attribute__((target("avx512f")))
+static float dot_f16_avx512(const float * a, const uint16_t * b, int64_t n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i),      _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(b + i))),      s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(b + i + 16))), s1);
+    }
+    for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(b + i))), s0);
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * ice_f16_to_f32(b[i]);
+    return s;
+}
+
+__attribute__((target("avx512f")))
+static void axpy_f16_avx512(float * y, float a, const uint16_t * x, int64_t n) {
+    const __m512 va = _mm512_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 xv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + i)));
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, xv, _mm512_loadu_ps(y + i)));
+    }
+    for (; i < n; i++) y[i] += a * ice_f16_to_f32(x[i]);
+}
 #endif
 
 // ---- dispatch ----------------------------------------------------------------
@@ -154,4 +220,26 @@ void ice_f16_row_to_f32(float * dst, const uint16_t * src, int64_t n) {
     if (simd_level() >= LVL_AVX2) { f16_f16c(dst, src, n); return; }
 #endif
     f16_scalar(dst, src, n);
+}
+
+float ice_dot_f16(const float * a, const uint16_t * b, int64_t n) {
+#ifdef ICE_X86_DISPATCH
+    switch (simd_level()) {
+        case LVL_AVX512: return dot_f16_avx512(a, b, n);
+        case LVL_AVX2:   return dot_f16_avx2(a, b, n);
+        default: break;
+    }
+#endif
+    return dot_f16_scalar(a, b, n);
+}
+
+void ice_axpy_f16(float * y, float a, const uint16_t * x, int64_t n) {
+#ifdef ICE_X86_DISPATCH
+    switch (simd_level()) {
+        case LVL_AVX512: axpy_f16_avx512(y, a, x, n); return;
+        case LVL_AVX2:   axpy_f16_avx2(y, a, x, n); return;
+        default: break;
+    }
+#endif
+    axpy_f16_scalar(y, a, x, n);
 }

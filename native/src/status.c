@@ -43,6 +43,7 @@ struct ice_attn_params ice_attn_default_params(void) {
     p.seed            = 0x1ce0f0a2d5eedULL;
     p.exact_search    = false;
     p.tail_estimate   = false;   // with the block search it bought no agreement and cost speed (README)
+    p.persistent      = true;    // callers that pass no epochs get a rebuild per call anyway
     return p;
 }
 

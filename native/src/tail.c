@@ -1,11 +1,11 @@
 // tail.c - block-summary estimate of the keys a row does not attend exactly.
 //
-// Block b holds the points with cells in [b*B, (b+1)*B): their count, key sum and value sum.
+// Block b holds the cells [b*B, (b+1)*B): their count, key sum, key variance and value sum.
 // For a row, the "rest" of a block is its visible points outside the exact union U. The rest
 // enters the softmax as one logit z_b = scale * q.mean_k_rest + log(n_rest) with value
 // mean_v_rest: n_rest * exp(scale q.mean_k) approximates the sum of the rest's exp(scores).
 // A block fully visible to the row uses its sums minus the union's keys and values; a block
-// the mask cuts (causal boundary, other sequences) is summed over its visible rest directly.
+// the mask cuts (causal boundary, other sequences, empty cells) is summed over its visible rest directly.
 
 #include "attn_internal.h"
 
@@ -17,48 +17,35 @@ void ice_tail_init_tables(void) {
 }
 
 
-int ice_tail_prepare(struct ice_head * h, int64_t B) {
-    const int64_t nb = (h->n_kv + B - 1) / B, dk = h->d_k, dv = h->d_v;
-    if (ICE_RESERVE(&h->bcount, &h->bcount_cap, nb, 0) ||
-        ICE_RESERVE(&h->bk, &h->bk_cap, nb * dk, 0) ||
-        ICE_RESERVE(&h->bv, &h->bv_cap, nb * dv, 0) ||
-        ICE_RESERVE(&h->bstart, &h->bstart_cap, nb + 1, 0) ||
-        ICE_RESERVE(&h->bvar, &h->bvar_cap, nb * dk, 0)) {
-        return -1;
+void ice_tail_block(struct ice_head * h, const struct ice_kv * kv, int64_t b, float * krow) {
+    const int64_t B = h->B, dk = h->d_k, dv = h->d_v;
+    const int64_t c0 = b * B, c1 = (b + 1) * B < h->n_kv ? (b + 1) * B : h->n_kv;
+    float * sum = h->bk + b * dk, * var = h->bvar + b * dk, * vs = h->bv + b * dv;
+    memset(sum, 0, (size_t)dk * sizeof(float));
+    memset(var, 0, (size_t)dk * sizeof(float));
+    memset(vs, 0, (size_t)dv * sizeof(float));
+    h->bcount[b] = (int32_t)(c1 - c0);
+    // always the same order of additions, so an updated block equals a rebuilt one bit for bit
+    for (int64_t c = c0; c < c1; c++) {
+        const char * kp = kv->k + (size_t)c * kv->k_nb1;
+        if (kv->kt == ICE_TYPE_F16) ice_axpy_f16(sum, 1.0f, (const uint16_t *)(const void *)kp, dk);
+        else ice_axpy(sum, 1.0f, (const float *)(const void *)kp, dk);
+        ice_kv_axpy(kv, vs, 1.0f, c);
     }
-    h->n_blocks = nb;
-    memset(h->bcount, 0, (size_t)nb * sizeof(int32_t));
-    memset(h->bk, 0, (size_t)(nb * dk) * sizeof(float));
-    memset(h->bv, 0, (size_t)(nb * dv) * sizeof(float));
-    for (int64_t i = 0; i < h->n_pts; i++) {
-        const int64_t b = h->cells[i] / B;
-        h->bcount[b]++;
-        ice_axpy(h->bk + b * dk, 1.0f, h->k32 + i * dk, dk);
-        ice_axpy(h->bv + b * dv, 1.0f, h->v32 + i * dv, dv);
+    // per-dimension variance around the block mean (the spread term of the block score)
+    const float inv = 1.0f / (float)(c1 - c0);
+    for (int64_t c = c0; c < c1; c++) {
+        const char * kp = kv->k + (size_t)c * kv->k_nb1;
+        if (kv->kt == ICE_TYPE_F16) ice_f16_row_to_f32(krow, (const uint16_t *)(const void *)kp, dk);
+        else memcpy(krow, kp, (size_t)dk * sizeof(float));
+        for (int64_t d = 0; d < dk; d++) { const float x = krow[d] - sum[d] * inv; var[d] += x * x; }
     }
-    // points ascend by cell, so block b's points are [bstart[b], bstart[b+1])
-    h->bstart[0] = 0;
-    for (int64_t b = 0; b < nb; b++) h->bstart[b + 1] = h->bstart[b] + h->bcount[b];
-    // per-dimension variance around the block mean (second-order term of the tail estimate)
-    for (int64_t b = 0; b < nb; b++) {
-        float * var = h->bvar + b * dk;
-        memset(var, 0, (size_t)dk * sizeof(float));
-        const int32_t c = h->bcount[b];
-        if (c == 0) continue;
-        const float * sum = h->bk + b * dk;
-        for (int32_t pt = h->bstart[b]; pt < h->bstart[b + 1]; pt++) {
-            const float * k = h->k32 + (int64_t)pt * dk;
-            for (int64_t d = 0; d < dk; d++) { const float x = k[d] - sum[d] / (float)c; var[d] += x * x; }
-        }
-        for (int64_t d = 0; d < dk; d++) var[d] /= (float)c;
-    }
-    return 0;
+    for (int64_t d = 0; d < dk; d++) var[d] *= inv;
 }
 
-int64_t ice_block_select(const struct ice_head * h, struct ice_thread * th, int64_t B, int32_t n_sel,
+int64_t ice_block_select(const struct ice_head * h, const struct ice_kv * kv, struct ice_thread * th, int32_t n_sel,
         const float * q, uint32_t gen, int32_t * out) {
-    (void) B;
-    const int64_t nb = h->n_blocks, dk = h->d_k;
+    const int64_t nb = h->n_blocks, dk = h->d_k, B = h->B;
     if (ICE_RESERVE(&th->bsc, &th->bsc_cap, n_sel, 0) || ICE_RESERVE(&th->bsel, &th->bsel_cap, n_sel, 0) ||
         ICE_RESERVE(&th->bqk, &th->bqk_cap, nb + 1, 0) || ICE_RESERVE(&th->q2, &th->q2_cap, dk, 0)) return -1;
     for (int64_t d = 0; d < dk; d++) th->q2[d] = q[d] * q[d];
@@ -69,7 +56,7 @@ int64_t ice_block_select(const struct ice_head * h, struct ice_thread * th, int6
         const int32_t c = h->bcount[b];
         if (c == 0 || bcnt[b] == 0) { th->bqk[b] = 0.0f; continue; }
         th->bqk[b] = bcnt[b] == c ? ice_dot(q, h->bk + b * dk, dk) : 0.0f;
-        const int32_t first = h->bstart[b], last = h->bstart[b + 1] - 1;
+        const int32_t first = (int32_t)(b * B), last = first + c - 1;
         if (th->stamp[first] == gen && th->stamp[last] == gen) {
             // both ends already attended (sinks/window): skip the block only if nothing is left in it
             int32_t pt = first;
@@ -86,9 +73,9 @@ int64_t ice_block_select(const struct ice_head * h, struct ice_thread * th, int6
             sc = th->bqk[b] / (float) c + 2.0f * sqrtf(ice_dot(th->q2, var, dk));
         } else {
             sc = -INFINITY;
-            for (int32_t pt = first; pt <= last; pt++) {
-                if (!ice_mask_visible(th->vis_mtype, th->vis_mrow, h->cells[pt])) continue;
-                const float s = ice_dot(q, h->k32 + (int64_t)pt * dk, dk);
+            for (int32_t c2 = first; c2 <= last; c2++) {
+                if (!ice_mask_visible(th->vis_mtype, th->vis_mrow, c2)) continue;
+                const float s = ice_kv_dot(kv, q, c2);
                 if (s > sc) sc = s;
             }
         }
@@ -101,18 +88,18 @@ int64_t ice_block_select(const struct ice_head * h, struct ice_thread * th, int6
     for (int32_t i = 0; i < n; i++) {
         const int32_t b = th->bsel[i];
         const bool cut = bcnt[b] != h->bcount[b];
-        for (int32_t pt = h->bstart[b]; pt < h->bstart[b + 1]; pt++) {
-            if (th->stamp[pt] == gen || (cut && !ice_mask_visible(th->vis_mtype, th->vis_mrow, h->cells[pt]))) continue;
-            th->stamp[pt] = gen;
-            out[added++] = pt;
+        for (int32_t c = (int32_t)(b * B); c < (int32_t)(b * B) + h->bcount[b]; c++) {
+            if (th->stamp[c] == gen || (cut && !ice_mask_visible(th->vis_mtype, th->vis_mrow, c))) continue;
+            th->stamp[c] = gen;
+            out[added++] = c;
         }
     }
     return added;
 }
 
-int ice_tail_row(const struct ice_head * h, struct ice_thread * th, int64_t B, float scale,
+int ice_tail_row(const struct ice_head * h, const struct ice_kv * kv, struct ice_thread * th, float scale,
         const float * q, const int32_t * uni, int64_t nu, float * sc, float * o) {
-    const int64_t nb = h->n_blocks, dk = h->d_k, dv = h->d_v;
+    const int64_t nb = h->n_blocks, dk = h->d_k, dv = h->d_v, B = h->B;
     if (ICE_RESERVE(&th->w, &th->w_cap, 3 * nb + 1, 0) || ICE_RESERVE(&th->tmp, &th->tmp_cap, nu + 1, 0)) return -1;
     float * rest = th->w;            // n_rest per block
     float * qs   = th->w + nb;       // q . (sum of rest keys), then z_b
@@ -126,17 +113,15 @@ int ice_tail_row(const struct ice_head * h, struct ice_thread * th, int64_t B, f
               ? (th->bqk_valid ? th->bqk[b] : ice_dot(q, h->bk + b * dk, dk)) : 0.0f;
     }
     for (int64_t i = 0; i < nu; i++) {
-        const int64_t b = h->cells[uni[i]] / B;
+        const int64_t b = uni[i] / B;
         rest[b] -= 1.0f;
         if (bcnt[b] == h->bcount[b]) qs[b] -= th->qk[i];   // q.k of union point i, from forward_row
     }
     // partial blocks: sum the visible rest directly, visiting only the blocks the mask cuts
     for (int64_t j = 0; j < th->n_partial; j++) {
         const int32_t b = th->partial[j];
-        for (int32_t pt = h->bstart[b]; pt < h->bstart[b + 1]; pt++) {
-            if (th->stamp[pt] != gen && ice_mask_visible(th->vis_mtype, th->vis_mrow, h->cells[pt])) {
-                qs[b] += ice_dot(q, h->k32 + (int64_t)pt * dk, dk);
-            }
+        for (int32_t c = (int32_t)(b * B); c < (int32_t)(b * B) + h->bcount[b]; c++) {
+            if (th->stamp[c] != gen && ice_mask_visible(th->vis_mtype, th->vis_mrow, c)) qs[b] += ice_kv_dot(kv, q, c);
         }
     }
     float mx = -INFINITY;
@@ -156,9 +141,9 @@ int ice_tail_row(const struct ice_head * h, struct ice_thread * th, int64_t B, f
     }
     memset(o, 0, (size_t)dv * sizeof(float));
     for (int64_t i = 0; i < nu; i++) {
-        const int64_t b = h->cells[uni[i]] / B;
+        const int64_t b = uni[i] / B;
         const float wgt = sc[i] - (bcnt[b] == h->bcount[b] ? coef[b] : 0.0f);
-        ice_axpy(o, wgt, h->v32 + (int64_t)uni[i] * dv, dv);
+        ice_kv_axpy(kv, o, wgt, uni[i]);
     }
     for (int64_t b = 0; b < nb; b++) {
         if (coef[b] != 0.0f && bcnt[b] == h->bcount[b]) ice_axpy(o, coef[b], h->bv + b * dv, dv);
@@ -166,10 +151,8 @@ int ice_tail_row(const struct ice_head * h, struct ice_thread * th, int64_t B, f
     for (int64_t j = 0; j < th->n_partial; j++) {
         const int32_t b = th->partial[j];
         if (coef[b] == 0.0f) continue;
-        for (int32_t pt = h->bstart[b]; pt < h->bstart[b + 1]; pt++) {
-            if (th->stamp[pt] != gen && ice_mask_visible(th->vis_mtype, th->vis_mrow, h->cells[pt])) {
-                ice_axpy(o, coef[b], h->v32 + (int64_t)pt * dv, dv);
-            }
+        for (int32_t c = (int32_t)(b * B); c < (int32_t)(b * B) + h->bcount[b]; c++) {
+            if (th->stamp[c] != gen && ice_mask_visible(th->vis_mtype, th->vis_mrow, c)) ice_kv_axpy(kv, o, coef[b], c);
         }
     }
     const float inv = 1.0f / sum;
