@@ -30,7 +30,17 @@ class SimCache:
         self.k = np.zeros((n_stream, HK, SIZE, D), dtype)
         self.v = np.zeros((n_stream, HK, SIZE, D), dtype)
         self.pos = np.full((n_stream, SIZE), -1)
-        self.version = 1
+        self.version = 1        # the last version an evaluation created
+        self.valid_since = 1    # nothing but listed writes changed the cache since this version
+
+    def edit(self):
+        """Records a change the persistent state cannot see (what the llama.cpp glue does on a K-shift)."""
+        self.version += 1
+        self.valid_since = self.version
+
+    def next_write(self, ids):
+        self.version += 1
+        return native.CacheWrite(tuple(int(i) for i in ids), SIZE, self.valid_since, self.version)
 
     def write(self, s, cells, positions):
         n = len(cells)
@@ -61,8 +71,7 @@ def evaluate(cache, states, s, cells, positions, params, *, v_transposed=False, 
     v = cache.v[s:s + 1, :, :n_kv]
     if v_transposed:
         v = np.ascontiguousarray(v)   # transposed layout lives in its own buffer, see below
-    write = native.CacheWrite(tuple(int(s * SIZE + c) for c in cells), SIZE, cache.version, cache.version + 1)
-    cache.version += 1
+    write = cache.next_write(s * SIZE + c for c in cells)
     p = native.AttnParams.default(**params)
     out_p = native.attention(q, k, v, mask, 0.125, p, state=states[0], write=write, n_threads=2)
     out_r = None
@@ -113,7 +122,7 @@ def test_cell_reuse_after_removal_equals_rebuild():
             pos += 1
 
 
-def test_an_unlisted_write_is_missed_and_a_version_gap_rebuilds():
+def test_an_unlisted_write_is_missed_and_a_recorded_edit_rebuilds():
     """Negative control for the tests above, then the remedy the version numbers give."""
     cache = SimCache(np.random.default_rng(4))
     with native.AttentionState() as st:
@@ -123,7 +132,7 @@ def test_an_unlisted_write_is_missed_and_a_version_gap_rebuilds():
         out_p, out_r, _ = evaluate(cache, [st], 0, np.array([pos]), np.array([pos]), SPARSE)
         assert not np.array_equal(out_p, out_r), "stale summaries went unnoticed: the test cannot fail"
         cache.k[0, :, :350] *= -1
-        cache.version += 5                             # the caller's version moved on: an edit
+        cache.edit()                                   # the caller records the edit
         out_p, out_r, _ = evaluate(cache, [st], 0, np.array([pos + 1]), np.array([pos + 1]), SPARSE)
         assert np.array_equal(out_p, out_r)
 
@@ -142,6 +151,39 @@ def test_streams_keep_separate_state():
             pos[s] += n
 
 
+def test_a_stream_keeps_its_state_across_other_streams_evaluations():
+    """Per-sequence streams (kv_unified off): ubatches of stream 0 do not cost stream 1 its state.
+    Shown by an in-place change to stream 1 that only a rebuild would see, then the recorded edit."""
+    cache = SimCache(np.random.default_rng(11), n_stream=2)
+    with native.AttentionState() as st:
+        for s in (0, 1):
+            evaluate(cache, [st], s, np.arange(0, 300), np.arange(0, 300), SPARSE)
+        cache.k[1, :, :250] *= -3                      # unseen by the state, on purpose
+        for pos in range(300, 305):
+            out_p, out_r, _ = evaluate(cache, [st], 0, np.array([pos]), np.array([pos]), SPARSE)
+            assert np.array_equal(out_p, out_r)
+        out_p, out_r, _ = evaluate(cache, [st], 1, np.array([300]), np.array([300]), SPARSE)
+        assert not np.array_equal(out_p, out_r), "stream 1 was rebuilt: its state did not survive stream 0's ubatches"
+        cache.edit()
+        out_p, out_r, _ = evaluate(cache, [st], 1, np.array([301]), np.array([301]), SPARSE)
+        assert np.array_equal(out_p, out_r)
+
+
+def test_parameter_changes_between_evaluations_equal_rebuild():
+    """Knobs changed on a live state (what llama_iceformer_set does) never leave stale summaries."""
+    cache = SimCache(np.random.default_rng(12))
+    variants = [SPARSE, dict(SPARSE, block_size=32), dict(SPARSE, tail_estimate=True), dict(SPARSE, top_blocks=0,
+                tail_estimate=False, window=4), dict(SPARSE, top_k=16, exact_search=True), SPARSE]
+    with native.AttentionState() as st:
+        pos = 0
+        for i, params in enumerate(variants * 2):
+            n = 64 if i < 4 else 3
+            cells = np.arange(pos, pos + n)
+            out_p, out_r, _ = evaluate(cache, [st], 0, cells, cells, params)
+            assert np.array_equal(out_p, out_r), params
+            pos += n
+
+
 def test_transposed_values_equal_rebuild():
     rng = np.random.default_rng(6)
     cache = SimCache(rng)
@@ -155,8 +197,7 @@ def test_transposed_values_equal_rebuild():
             n_kv = cache.n_kv()
             q = rng.standard_normal((1, HK * GQA, n, D)).astype(np.float32)
             mask = cache.mask(0, cells, n_kv)
-            write = native.CacheWrite(tuple(int(c) for c in cells), SIZE, cache.version, cache.version + 1)
-            cache.version += 1
+            write = cache.next_write(cells)
             p = native.AttnParams.default(**SPARSE)
             args = (q, cache.k[:, :, :n_kv], vt[:, :, :, :n_kv], mask, 0.125)
             out_p = native.attention(*args, p, state=st, write=write, v_transposed=True)
@@ -194,7 +235,7 @@ def test_dci_key_beyond_the_embedding_bound_rebuilds():
         q = cache.rng.standard_normal((1, HK * GQA, 1, D)).astype(np.float32)
         mask = cache.mask(0, [128], n_kv)
         k, v = cache.k[:, :, :n_kv], cache.v[:, :, :n_kv]
-        write = native.CacheWrite((128,), SIZE, cache.version, cache.version + 1)
+        write = cache.next_write((128,))
         out = native.attention(q, k, v, mask, 0.125, native.AttnParams.default(**params), state=st, write=write)
         assert nmse(out, reference_attention(q, k, v, mask[None], 0.125)) < 1e-6
 

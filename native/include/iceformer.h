@@ -185,10 +185,14 @@ struct ice_attn_io {
     struct ice_view out;
     float           scale;  // multiplies q.k before the softmax
     // Persistence (prepare only; all zero: the state is rebuilt from the views on every call).
-    // The caller numbers the versions of its cache: epoch_before is the version the previous
-    // evaluation left, epoch_after != 0 the version after this one's writes. State built at a version
-    // other than epoch_before (the cache was edited, shifted, reloaded, or written without this op) is
-    // rebuilt; otherwise only the blocks of the written cells are recomputed (and the DCI index updated).
+    // The caller numbers its cache's versions with increasing integers: epoch_after != 0 is the version
+    // this evaluation creates (greater than any earlier one), and epoch_before the version since which
+    // nothing changed the cache's cells but evaluations through this op that listed their writes.
+    // The state of a (stream, KV head) last updated at version e continues incrementally when
+    // epoch_before <= e < epoch_after (only the blocks of the written cells are recomputed and the DCI
+    // index updated); otherwise (the cache was edited, shifted, reloaded, or written without this op)
+    // it is rebuilt from the views. So a stream untouched by some evaluations keeps its state across
+    // them: raise epoch_before past e to invalidate.
     const int64_t * written;        // n_written cells this evaluation writes, as llama.cpp's k_idxs:
                                     // global stream * stream_cells + cell; the lowest stream is view stream 0
     int64_t         n_written;

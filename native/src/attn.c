@@ -2,8 +2,8 @@
 //
 // prepare: each (stream, KV head) pair p is handled by thread p % nth. It keeps block summaries
 // over the cache's cells (and a DCI index for k-NN search) up to date: rebuilt from the views, or,
-// when the state reflects the cache version this evaluation starts from, recomputed only for the
-// blocks of the cells this evaluation writes. Keys and values are always read in place (f16).
+// when the caller's cache versions say nothing but this op's writes changed the stream since the
+// state's last update, recomputed only for the blocks of the cells this evaluation writes. Keys and values are always read in place (f16).
 // forward: rows (stream, token, head) are split over threads; every row is computed the
 // same way whatever thread runs it, so the output does not depend on nth.
 
@@ -159,9 +159,11 @@ static enum ice_status prepare_head(struct ice_attn_state * st, struct ice_threa
     struct ice_kv kv;
     ice_kv_of(&kv, io, hk, s);
     const int64_t n_kv = dm->n_kv, B = p->block_size;
-    // incremental only when the state reflects exactly the cache version this evaluation starts from
+    // incremental only when the state was last updated at or after the version the caller says its
+    // stream has been unchanged since (except by writes this op saw)
     const bool persist = p->persistent && io->epoch_after != 0;
-    const bool same = persist && h->epoch != 0 && h->epoch == io->epoch_before && h->indexed && h->B == B &&
+    const bool same = persist && h->epoch != 0 && h->epoch >= io->epoch_before && h->epoch < io->epoch_after &&
+                      h->indexed && h->B == B &&
                       h->kbase == kv.k && h->vbase == kv.v && h->d_k == dm->d_k && h->d_v == dm->d_v;
     const int64_t old_n_kv = same ? h->n_kv : 0;
     h->status = ICE_STATUS_NO_MEMORY;
@@ -199,6 +201,8 @@ static enum ice_status prepare_head(struct ice_attn_state * st, struct ice_threa
     h->indexed = false;
     if (p->top_k > 0 && !p->exact_search) {
         if (dci_update(p, h, th, io, dm, s, hk, !same)) return ICE_STATUS_NO_MEMORY;
+    } else {
+        h->dci_built = false;   // not kept up to date while unused: rebuilt when next needed
     }
     h->indexed = true;
     h->epoch = persist ? io->epoch_after : 0;
