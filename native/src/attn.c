@@ -49,7 +49,7 @@ static void head_free(struct ice_head * h) {
 static void thread_free(struct ice_thread * t) {
     if (!t) return;
     ice_dci_scratch_free(&t->dci);
-    free(t->vis); free(t->vis_bcnt); free(t->q); free(t->sc); free(t->qk); free(t->bsc); free(t->bsel); free(t->bqk); free(t->q2); free(t->partial); free(t->uni); free(t->stamp);
+    free(t->vis); free(t->vis_bcnt); free(t->q); free(t->sc); free(t->qk); free(t->bsc); free(t->bsel); free(t->bqk); free(t->q2); free(t->bsp); free(t->partial); free(t->uni); free(t->stamp);
     free(t->heap_s); free(t->heap_i); free(t->w); free(t->tmp); free(t->krow); free(t->dirty); free(t->k32); free(t->stat);
     free(t);
 }
@@ -73,7 +73,7 @@ size_t ice_attn_state_memory(const struct ice_attn_state * state) {
         const struct ice_thread * t = state->threads[i];
         if (!t) continue;
         b += sizeof *t + t->dci.cnt_cap + t->dci.cand_cap + t->dci.touched_cap + t->dci.qn_cap +
-             t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->qk_cap + t->bsc_cap + t->bsel_cap + t->bqk_cap + t->q2_cap + t->partial_cap + t->uni_cap + t->stamp_cap +
+             t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->qk_cap + t->bsc_cap + t->bsel_cap + t->bqk_cap + t->q2_cap + t->bsp_cap + t->partial_cap + t->uni_cap + t->stamp_cap +
              t->heap_s_cap + t->heap_i_cap + t->w_cap + t->tmp_cap + t->krow_cap + t->dirty_cap + t->k32_cap + t->stat_cap;
     }
     return b;
@@ -245,14 +245,23 @@ static int row_visible(struct ice_thread * th, const struct ice_attn_io * io, in
     th->vis_mask = NULL;
     if (ICE_RESERVE(&th->vis, &th->vis_cap, n_kv + 1, 0)) return -1;
     const void * mrow = ice_mask_row(io, t, s);
+    // block by block, so the per-block counts need no division per cell
+    const int64_t nb = (n_kv + B - 1) / B;
+    if (want_blocks && ICE_RESERVE(&th->vis_bcnt, &th->vis_bcnt_cap, nb + 1, 0)) return -1;
     int64_t nv = 0;
-    for (int64_t j = 0; j < n_kv; j++) if (ice_mask_visible(io->mask.type, mrow, j)) th->vis[nv++] = (int32_t)j;
+    int32_t * vis = th->vis;
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t j1 = (b + 1) * B < n_kv ? (b + 1) * B : n_kv, nv0 = nv;
+        if (io->mask.type == ICE_TYPE_F16) {
+            const uint16_t * m = mrow;
+            for (int64_t j = b * B; j < j1; j++) { vis[nv] = (int32_t)j; nv += m[j] != 0xfc00u; }
+        } else {
+            for (int64_t j = b * B; j < j1; j++) if (ice_mask_visible(io->mask.type, mrow, j)) vis[nv++] = (int32_t)j;
+        }
+        if (want_blocks) th->vis_bcnt[b] = (int32_t)(nv - nv0);
+    }
     th->n_vis = nv;
     if (want_blocks) {
-        const int64_t nb = (n_kv + B - 1) / B;
-        if (ICE_RESERVE(&th->vis_bcnt, &th->vis_bcnt_cap, nb + 1, 0)) return -1;
-        memset(th->vis_bcnt, 0, (size_t)nb * sizeof(int32_t));
-        for (int64_t i = 0; i < nv; i++) th->vis_bcnt[th->vis[i] / B]++;
         // blocks cut by the mask, listed so the tail visits only their cells (a causal row has one)
         if (ICE_RESERVE(&th->partial, &th->partial_cap, nb + 1, 0)) return -1;
         th->n_partial = 0;
@@ -276,7 +285,7 @@ static void attend_cells(const struct ice_kv * kv, const int32_t * cells, int64_
     for (int64_t i = 0; i < n; i++) if (sc[i] > mx) mx = sc[i];
     float sum = 0;
     for (int64_t i = 0; i < n; i++) { sc[i] = expf(sc[i] - mx); sum += sc[i]; }
-    for (int64_t i = 0; i < n; i++) ice_kv_axpy(kv, o, sc[i], cells[i]);
+    ice_kv_axpys(kv, o, sc, cells, n);
     const float inv = 1.0f / sum;
     for (int64_t d = 0; d < dv; d++) o[d] *= inv;
 }
@@ -307,10 +316,8 @@ static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread
     const int64_t n_union = (int64_t)p->top_k + p->n_sinks + p->window + (int64_t)p->top_blocks * B;
     if (!h->indexed || nv < p->min_n_kv || nv <= (int64_t)p->n_sinks + p->window) {
         // dense over the visible cells
-        for (int64_t i = 0; i < nv; i++) {
-            const int32_t c = th->vis[i];
-            th->sc[i] = io->scale * ice_kv_dot(&kv, q, c) + ice_mask_value(io->mask.type, mrow, c);
-        }
+        ice_kv_dots(&kv, q, th->vis, nv, th->sc);
+        for (int64_t i = 0; i < nv; i++) th->sc[i] = io->scale * th->sc[i] + ice_mask_value(io->mask.type, mrow, th->vis[i]);
         attend_cells(&kv, th->vis, nv, th->sc, o);
         return ICE_STATUS_OK;
     }
@@ -337,10 +344,8 @@ static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread
     if (p->top_k == 0) {
         // no k-NN search: the coarse block search below chooses the exact keys
     } else if (p->exact_search) {
-        for (int64_t i = 0; i < nv; i++) {
-            const int32_t c = th->vis[i];
-            ice_topk_push(&heap, ice_kv_dot(&kv, q, c), c);
-        }
+        ice_kv_dots(&kv, q, th->vis, nv, th->sc);
+        for (int64_t i = 0; i < nv; i++) ice_topk_push(&heap, th->sc[i], th->vis[i]);
     } else {
         struct vis_ctx vc = { mrow, io->mask.type };
         const struct ice_rows rows = { kv.k, kv.kt, kv.k_nb1 };
@@ -360,11 +365,8 @@ static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread
         nu += added;
     }
     if (ICE_RESERVE(&th->qk, &th->qk_cap, nu + 1, 0)) return ICE_STATUS_NO_MEMORY;
-    for (int64_t i = 0; i < nu; i++) {
-        const int32_t c = th->uni[i];
-        th->qk[i] = ice_kv_dot(&kv, q, c);
-        th->sc[i] = io->scale * th->qk[i] + ice_mask_value(io->mask.type, mrow, c);
-    }
+    ice_kv_dots(&kv, q, th->uni, nu, th->qk);
+    for (int64_t i = 0; i < nu; i++) th->sc[i] = io->scale * th->qk[i] + ice_mask_value(io->mask.type, mrow, th->uni[i]);
     if (tail) {
         if (ice_tail_row(h, &kv, th, io->scale, q, th->uni, nu, th->sc, o)) return ICE_STATUS_NO_MEMORY;
         return ICE_STATUS_OK;

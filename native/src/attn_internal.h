@@ -58,6 +58,7 @@ struct ice_thread {
     int32_t * bsel;     size_t bsel_cap;     // coarse search: the chosen blocks
     float   * bqk;      size_t bqk_cap;      // q . (key sum) per block, for this row and head
     float   * q2;       size_t q2_cap;       // q squared elementwise (spread term of block scores)
+    float   * bsp;      size_t bsp_cap;      // coarse search: q2 . (key variance) per block
     int       bqk_valid;                     // bqk holds this row's values (set by the block search)
     int32_t * uni;      size_t uni_cap;      // union of attended cells
     uint32_t * stamp;   size_t stamp_cap;    // per cell: == gen when in the union
@@ -116,6 +117,20 @@ static inline void ice_kv_axpy(const struct ice_kv * kv, float * o, float w, int
         return;
     }
     for (int64_t d = 0; d < kv->d_v; d++) o[d] += w * ice_load(kv->vt, p + (size_t)d * kv->v_nb0);   // transposed V
+}
+
+// out[i] = q . key of cell cells[i], i < n
+static inline void ice_kv_dots(const struct ice_kv * kv, const float * q, const int32_t * cells, int64_t n, float * out) {
+    ice_dots_rows(q, kv->k, kv->k_nb1, kv->kt, cells, n, kv->d_k, out);
+}
+
+// o += sum_i w[i] * value of cell cells[i], i < n
+static inline void ice_kv_axpys(const struct ice_kv * kv, float * o, const float * w, const int32_t * cells, int64_t n) {
+    if (kv->v_nb0 == ice_type_size(kv->vt)) {
+        ice_axpys_rows(o, w, kv->v, kv->v_nb1, kv->vt, cells, n, kv->d_v);
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) ice_kv_axpy(kv, o, w[i], cells[i]);
 }
 
 // tail.c

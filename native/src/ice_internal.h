@@ -74,6 +74,13 @@ void  ice_axpy(float * y, float a, const float * x, int64_t n);
 // the same with b (resp. x) in IEEE half precision, read in place
 float ice_dot_f16(const float * a, const uint16_t * b, int64_t n);
 void  ice_axpy_f16(float * y, float a, const uint16_t * x, int64_t n);
+// Gathered rows of n elements of type t at base + r*stride, r = idx[i] (or i when idx is NULL), i < cnt:
+//   ice_dots_rows:  out[i] = a . row(i)            (out: cnt floats)
+//   ice_axpys_rows: y += sum_i w[i] * row(i)       (w: cnt floats, in order i = 0..cnt-1)
+void  ice_dots_rows(const float * a, const char * base, size_t stride, enum ice_type t, const int32_t * idx,
+        int64_t cnt, int64_t n, float * out);
+void  ice_axpys_rows(float * y, const float * w, const char * base, size_t stride, enum ice_type t,
+        const int32_t * idx, int64_t cnt, int64_t n);
 // dst[i] = f32(src[i]) for n contiguous halves
 void  ice_f16_row_to_f32(float * dst, const uint16_t * src, int64_t n);
 // name of the kernel variant in use ("avx512", "avx2", "scalar")
@@ -103,7 +110,10 @@ static inline int ice_mask_visible(enum ice_type t, const void * row, int64_t j)
     return ((const float *)row)[j] != -INFINITY;
 }
 static inline float ice_mask_value(enum ice_type t, const void * row, int64_t j) {
-    if (t == ICE_TYPE_F16) return ice_f16_to_f32(((const uint16_t *)row)[j]);
+    if (t == ICE_TYPE_F16) {
+        const uint16_t h = ((const uint16_t *)row)[j];
+        return h == 0 ? 0.0f : ice_f16_to_f32(h);   // causal masks are 0 where visible
+    }
     return ((const float *)row)[j];
 }
 

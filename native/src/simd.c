@@ -44,6 +44,24 @@ static void axpy_f16_scalar(float * y, float a, const uint16_t * x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * ice_f16_to_f32(x[i]);
 }
 
+static float dot_row(const float * a, const char * row, enum ice_type t, int64_t n) {
+    return t == ICE_TYPE_F16 ? ice_dot_f16(a, (const uint16_t *)(const void *)row, n) : ice_dot(a, (const float *)(const void *)row, n);
+}
+
+static void dots_rows_generic(const float * a, const char * base, size_t stride, enum ice_type t, const int32_t * idx,
+        int64_t cnt, int64_t n, float * out) {
+    for (int64_t i = 0; i < cnt; i++) out[i] = dot_row(a, base + (size_t)(idx ? idx[i] : i) * stride, t, n);
+}
+
+static void axpys_rows_generic(float * y, const float * w, const char * base, size_t stride, enum ice_type t,
+        const int32_t * idx, int64_t cnt, int64_t n) {
+    for (int64_t i = 0; i < cnt; i++) {
+        const char * row = base + (size_t)(idx ? idx[i] : i) * stride;
+        if (t == ICE_TYPE_F16) ice_axpy_f16(y, w[i], (const uint16_t *)(const void *)row, n);
+        else ice_axpy(y, w[i], (const float *)(const void *)row, n);
+    }
+}
+
 #ifdef ICE_X86_DISPATCH
 // ---- AVX2 + FMA + F16C ----------------------------------------------------
 
@@ -162,6 +180,59 @@ static void axpy_f16_avx512(float * y, float a, const uint16_t * x, int64_t n) {
     }
     for (; i < n; i++) y[i] += a * ice_f16_to_f32(x[i]);
 }
+
+// Batched forms for rows of 16k elements: the query (resp. the output) stays in registers across
+// rows, and eight dot products share one horizontal reduction.
+__attribute__((target("avx512f")))
+static inline __m512 load16(const char * row, enum ice_type t, int64_t i) {
+    return t == ICE_TYPE_F16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(row + 2 * i)))
+                             : _mm512_loadu_ps((const float *)(const void *)(row + 4 * i));
+}
+
+// acc of one row: sum over its n/16 chunks (n <= 256)
+__attribute__((target("avx512f")))
+static inline __m512 row_acc(const __m512 * qa, int64_t nc, const char * row, enum ice_type t) {
+    __m512 acc = _mm512_mul_ps(qa[0], load16(row, t, 0));
+    for (int64_t c = 1; c < nc; c++) acc = _mm512_fmadd_ps(qa[c], load16(row, t, 16 * c), acc);
+    return acc;
+}
+
+__attribute__((target("avx512f")))
+static inline __m256 half_sum(__m512 v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+__attribute__((target("avx512f")))
+static void dots_rows_avx512(const float * a, const char * base, size_t stride, enum ice_type t, const int32_t * idx,
+        int64_t cnt, int64_t n, float * out) {
+    __m512 qa[16];
+    const int64_t nc = n / 16;
+    for (int64_t c = 0; c < nc; c++) qa[c] = _mm512_loadu_ps(a + 16 * c);
+    int64_t i = 0;
+    for (; i + 8 <= cnt; i += 8) {
+        __m256 y[8];
+        for (int r = 0; r < 8; r++) y[r] = half_sum(row_acc(qa, nc, base + (size_t)(idx ? idx[i + r] : i + r) * stride, t));
+        const __m256 t0 = _mm256_hadd_ps(y[0], y[1]), t1 = _mm256_hadd_ps(y[2], y[3]);
+        const __m256 t2 = _mm256_hadd_ps(y[4], y[5]), t3 = _mm256_hadd_ps(y[6], y[7]);
+        const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+        _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+    }
+    for (; i < cnt; i++) out[i] = _mm512_reduce_add_ps(row_acc(qa, nc, base + (size_t)(idx ? idx[i] : i) * stride, t));
+}
+
+__attribute__((target("avx512f")))
+static void axpys_rows_avx512(float * y, const float * w, const char * base, size_t stride, enum ice_type t,
+        const int32_t * idx, int64_t cnt, int64_t n) {
+    __m512 acc[16];
+    const int64_t nc = n / 16;
+    for (int64_t c = 0; c < nc; c++) acc[c] = _mm512_loadu_ps(y + 16 * c);
+    for (int64_t i = 0; i < cnt; i++) {
+        const char * row = base + (size_t)(idx ? idx[i] : i) * stride;
+        const __m512 wv = _mm512_set1_ps(w[i]);
+        for (int64_t c = 0; c < nc; c++) acc[c] = _mm512_fmadd_ps(wv, load16(row, t, 16 * c), acc[c]);
+    }
+    for (int64_t c = 0; c < nc; c++) _mm512_storeu_ps(y + 16 * c, acc[c]);
+}
 #endif
 
 // ---- dispatch ----------------------------------------------------------------
@@ -242,4 +313,31 @@ void ice_axpy_f16(float * y, float a, const uint16_t * x, int64_t n) {
     }
 #endif
     axpy_f16_scalar(y, a, x, n);
+}
+
+// The batched kernels take the AVX-512 path for rows of 16..256 elements in multiples of 16 (head
+// sizes); other sizes and CPUs loop over the single-row kernels.
+static int batched_avx512(int64_t n) {
+#ifdef ICE_X86_DISPATCH
+    return simd_level() == LVL_AVX512 && n % 16 == 0 && n >= 16 && n <= 256;
+#else
+    (void) n;
+    return 0;
+#endif
+}
+
+void ice_dots_rows(const float * a, const char * base, size_t stride, enum ice_type t, const int32_t * idx,
+        int64_t cnt, int64_t n, float * out) {
+#ifdef ICE_X86_DISPATCH
+    if (batched_avx512(n)) { dots_rows_avx512(a, base, stride, t, idx, cnt, n, out); return; }
+#endif
+    dots_rows_generic(a, base, stride, t, idx, cnt, n, out);
+}
+
+void ice_axpys_rows(float * y, const float * w, const char * base, size_t stride, enum ice_type t,
+        const int32_t * idx, int64_t cnt, int64_t n) {
+#ifdef ICE_X86_DISPATCH
+    if (batched_avx512(n)) { axpys_rows_avx512(y, w, base, stride, t, idx, cnt, n); return; }
+#endif
+    axpys_rows_generic(y, w, base, stride, t, idx, cnt, n);
 }

@@ -47,15 +47,19 @@ int64_t ice_block_select(const struct ice_head * h, const struct ice_kv * kv, st
         const float * q, uint32_t gen, int32_t * out) {
     const int64_t nb = h->n_blocks, dk = h->d_k, B = h->B;
     if (ICE_RESERVE(&th->bsc, &th->bsc_cap, n_sel, 0) || ICE_RESERVE(&th->bsel, &th->bsel_cap, n_sel, 0) ||
-        ICE_RESERVE(&th->bqk, &th->bqk_cap, nb + 1, 0) || ICE_RESERVE(&th->q2, &th->q2_cap, dk, 0)) return -1;
+        ICE_RESERVE(&th->bqk, &th->bqk_cap, nb + 1, 0) || ICE_RESERVE(&th->q2, &th->q2_cap, dk, 0) ||
+        ICE_RESERVE(&th->bsp, &th->bsp_cap, nb + 1, 0)) return -1;
     for (int64_t d = 0; d < dk; d++) th->q2[d] = q[d] * q[d];
+    // every block's two dot products in two batched passes (the summaries are contiguous f32 rows)
+    ice_dots_rows(q, (const char *)h->bk, (size_t)dk * sizeof(float), ICE_TYPE_F32, NULL, nb, dk, th->bqk);
+    ice_dots_rows(th->q2, (const char *)h->bvar, (size_t)dk * sizeof(float), ICE_TYPE_F32, NULL, nb, dk, th->bsp);
     th->bqk_valid = 1;
     const int32_t * bcnt = th->vis_bcnt;
     int32_t n = 0;   // chosen so far, kept sorted by decreasing score (n_sel is small)
     for (int64_t b = 0; b < nb; b++) {
         const int32_t c = h->bcount[b];
         if (c == 0 || bcnt[b] == 0) { th->bqk[b] = 0.0f; continue; }
-        th->bqk[b] = bcnt[b] == c ? ice_dot(q, h->bk + b * dk, dk) : 0.0f;
+        if (bcnt[b] != c) th->bqk[b] = 0.0f;
         const int32_t first = (int32_t)(b * B), last = first + c - 1;
         if (th->stamp[first] == gen && th->stamp[last] == gen) {
             // both ends already attended (sinks/window): skip the block only if nothing is left in it
@@ -69,8 +73,7 @@ int64_t ice_block_select(const struct ice_head * h, const struct ice_kv * kv, st
         // (measured: +0.4 to +1.4 points of top-1 agreement at equal cost on the bundled model)
         float sc;
         if (bcnt[b] == c) {
-            const float * var = h->bvar + b * dk;
-            sc = th->bqk[b] / (float) c + 2.0f * sqrtf(ice_dot(th->q2, var, dk));
+            sc = th->bqk[b] / (float) c + 2.0f * sqrtf(th->bsp[b]);
         } else {
             sc = -INFINITY;
             for (int32_t c2 = first; c2 <= last; c2++) {
@@ -106,11 +109,11 @@ int ice_tail_row(const struct ice_head * h, const struct ice_kv * kv, struct ice
     float * coef = th->w + 2 * nb;   // P_b / n_rest
     const uint32_t gen = th->gen;
     const int32_t * bcnt = th->vis_bcnt;
+    // the block search, when on, already computed q . (key sum) of every fully visible block for this row
+    if (!th->bqk_valid) ice_dots_rows(q, (const char *)h->bk, (size_t)dk * sizeof(float), ICE_TYPE_F32, NULL, nb, dk, qs);
     for (int64_t b = 0; b < nb; b++) {
         rest[b] = (float)bcnt[b];
-        // the block search already computed q . (key sum) of every fully visible block for this row
-        qs[b] = (bcnt[b] > 0 && bcnt[b] == h->bcount[b])
-              ? (th->bqk_valid ? th->bqk[b] : ice_dot(q, h->bk + b * dk, dk)) : 0.0f;
+        qs[b] = (bcnt[b] > 0 && bcnt[b] == h->bcount[b]) ? (th->bqk_valid ? th->bqk[b] : qs[b]) : 0.0f;
     }
     for (int64_t i = 0; i < nu; i++) {
         const int64_t b = uni[i] / B;
@@ -140,14 +143,15 @@ int ice_tail_row(const struct ice_head * h, const struct ice_kv * kv, struct ice
         else coef[b] = 0.0f;
     }
     memset(o, 0, (size_t)dv * sizeof(float));
+    float * wgt = th->tmp;
     for (int64_t i = 0; i < nu; i++) {
         const int64_t b = uni[i] / B;
-        const float wgt = sc[i] - (bcnt[b] == h->bcount[b] ? coef[b] : 0.0f);
-        ice_kv_axpy(kv, o, wgt, uni[i]);
+        wgt[i] = sc[i] - (bcnt[b] == h->bcount[b] ? coef[b] : 0.0f);
     }
-    for (int64_t b = 0; b < nb; b++) {
-        if (coef[b] != 0.0f && bcnt[b] == h->bcount[b]) ice_axpy(o, coef[b], h->bv + b * dv, dv);
-    }
+    ice_kv_axpys(kv, o, wgt, uni, nu);
+    // fully visible blocks: their value sums, weighted (rest = 0 here: the partial blocks below)
+    for (int64_t b = 0; b < nb; b++) rest[b] = bcnt[b] == h->bcount[b] ? coef[b] : 0.0f;
+    ice_axpys_rows(o, rest, (const char *)h->bv, (size_t)dv * sizeof(float), ICE_TYPE_F32, NULL, nb, dv);
     for (int64_t j = 0; j < th->n_partial; j++) {
         const int32_t b = th->partial[j];
         if (coef[b] == 0.0f) continue;
