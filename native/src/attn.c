@@ -394,8 +394,10 @@ enum ice_status ice_attn_forward(struct ice_attn_state * st, const struct ice_at
             }
         }
     } else {
+        // contiguous ranges of rows: consecutive query heads share a KV head (GQA), so the summaries
+        // and K/V blocks one head reads are still in cache for the next
         const int64_t n_rows = n_st * dm.n_head;
-        for (int64_t r = ith; r < n_rows; r += nth) {
+        for (int64_t r = ith * n_rows / nth; r < (ith + 1) * n_rows / nth; r++) {
             const int64_t u = r / dm.n_head;
             const enum ice_status e = forward_row(st, th, io, &dm, u / dm.n_tok, u % dm.n_tok, r % dm.n_head);
             if (e != ICE_STATUS_OK) rc = e;
