@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
-HELP = "/reset starts over, /exit quits, Ctrl-C stops a reply"
+from .settings import SPEED_LEVELS
+
+HELP = "/reset starts over, /speed N sets the latency knob, /exit quits, Ctrl-C stops a reply"
 
 
 def _read_line(stream, interactive: bool) -> str | None:
@@ -51,6 +54,9 @@ def run_chat(llm, *, max_tokens: int, temperature: float, seed: int | None, syst
             llm.reset()
             print("(conversation cleared)", file=out, flush=True)
             continue
+        if text == "/speed" or text.startswith("/speed "):
+            print(_speed_command(llm, text[len("/speed"):].strip()), file=out, flush=True)
+            continue
         if text.startswith("/") and " " not in text:
             print(f"(unknown command {text}; {HELP})", file=out, flush=True)
             continue
@@ -64,6 +70,25 @@ def run_chat(llm, *, max_tokens: int, temperature: float, seed: int | None, syst
         history.append({"role": "assistant", "content": reply})
         if _context_full(llm, n_ctx):
             print(f"(the context is full: {n_ctx} tokens; /reset to start a new conversation)", file=out, flush=True)
+
+
+def _speed_command(llm, arg: str) -> str:
+    """/speed shows the latency knob, /speed N sets it for the next replies (the cache is kept)."""
+    lo, hi = min(SPEED_LEVELS), max(SPEED_LEVELS)
+    if llm.attention != "iceformer":
+        return f"(/speed needs iceformer attention; this chat runs {llm.attention} attention)"
+    if not arg:
+        level = llm.iceformer_settings.speed
+        return f"(speed {level if level is not None else 'default'}; /speed {lo}..{hi}, {lo} = most exact)"
+    try:
+        level = int(arg)
+    except ValueError:
+        level = None
+    if level not in SPEED_LEVELS:
+        return f"(speed must be a number from {lo} to {hi}, got {arg!r})"
+    llm.set_attention("iceformer", dataclasses.replace(llm.iceformer_settings, speed=level))
+    knobs = ", ".join(f"{k}={v}" for k, v in llm.iceformer_settings.kernel_overrides().items())
+    return f"(speed {level}: {knobs})"
 
 
 def _reply(llm, history, *, max_tokens, temperature, seed, out) -> str | None:

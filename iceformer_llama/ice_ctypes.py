@@ -64,7 +64,7 @@ class IceformerAPI:
             raise UsageError(f"unknown attention {mode!r}: choose dense or iceformer")
         p = self._default()
         p.mode = MODES[mode]
-        for name, value in (settings or IceformerSettings()).overrides().items():
+        for name, value in (settings or IceformerSettings()).kernel_overrides().items():
             if name == "dense_layers":
                 words = [0, 0, 0, 0]
                 for layer in value:

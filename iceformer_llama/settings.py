@@ -13,6 +13,23 @@ from dataclasses import dataclass, field
 
 ATTENTION_MODES = ("dense", "iceformer")
 
+# The latency knob: one number from most exact (1) to fastest (8), chosen at any time without reloading
+# the model (Latency Adjustable Transformer style). Each level sets the kernel's budgets: the blocks of
+# block_size keys attended exactly per query and head (top_blocks) and the recent window; sinks (4),
+# block size (32), layer 0 dense and the tail estimate (off) stay at the library defaults. Levels were
+# chosen from measurements on the bundled model (README, "Latency knob"); a knob set explicitly beside
+# --speed wins over the level's value.
+SPEED_LEVELS: dict[int, dict] = {
+    1: {"top_blocks": 64, "window": 128},
+    2: {"top_blocks": 48, "window": 128},
+    3: {"top_blocks": 32, "window": 64},
+    4: {"top_blocks": 24, "window": 64},
+    5: {"top_blocks": 16, "window": 64},
+    6: {"top_blocks": 12, "window": 64},
+    7: {"top_blocks": 8, "window": 64},
+    8: {"top_blocks": 4, "window": 32},
+}
+
 
 def _knob(flag: str, help: str, kind=int):
     return field(default=None, metadata={"flag": flag, "help": help, "kind": kind})
@@ -22,6 +39,8 @@ def _knob(flag: str, help: str, kind=int):
 class IceformerSettings:
     """Knobs of the IceFormer kernel; None keeps the library default."""
 
+    speed: int | None = _knob("--speed", "latency knob, 1 (most exact) to 8 (fastest); sets top_blocks and "
+                              "window (see SPEED_LEVELS); explicit knobs win", kind="speed")
     top_k: int | None = _knob("--top-k", "keys retrieved per query and head by k-NN search")
     n_sinks: int | None = _knob("--sinks", "first visible keys always attended (attention sinks)")
     window: int | None = _knob("--window", "most recent visible keys always attended")
@@ -48,6 +67,9 @@ class IceformerSettings:
             kind = f.metadata["kind"]
             if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{f.name} must be a non-negative integer, got {value!r}")
+            if kind == "speed" and (not isinstance(value, int) or isinstance(value, bool) or value not in SPEED_LEVELS):
+                raise ValueError(f"speed must be an integer from {min(SPEED_LEVELS)} to {max(SPEED_LEVELS)}, "
+                                 f"got {value!r}")
             if kind is bool and not isinstance(value, bool):
                 raise ValueError(f"{f.name} must be True or False, got {value!r}")
             if kind == "layers":
@@ -58,6 +80,13 @@ class IceformerSettings:
     def overrides(self) -> dict:
         """The fields that were set (not None)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    def kernel_overrides(self) -> dict:
+        """The kernel knobs these settings change: the speed level's, then the explicitly set ones."""
+        over = self.overrides()
+        knobs = dict(SPEED_LEVELS[over.pop("speed")]) if "speed" in over else {}
+        knobs.update(over)
+        return knobs
 
 
 def _parse_layers(text: str) -> tuple[int, ...]:
@@ -93,6 +122,13 @@ def int_at_least(minimum: int):
 _non_negative = int_at_least(0)
 
 
+def _speed_level(text: str) -> int:
+    value = int_at_least(min(SPEED_LEVELS))(text)
+    if value > max(SPEED_LEVELS):
+        raise argparse.ArgumentTypeError(f"must be {min(SPEED_LEVELS)} to {max(SPEED_LEVELS)}, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds --attention and one flag per IceformerSettings field."""
     group = parser.add_argument_group("attention")
@@ -100,7 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="attention in the patched backend (default: iceformer)")
     for f in dataclasses.fields(IceformerSettings):
         kind = f.metadata["kind"]
-        parse = {int: _non_negative, bool: _parse_bool, "layers": _parse_layers}[kind]
+        parse = {int: _non_negative, bool: _parse_bool, "layers": _parse_layers, "speed": _speed_level}[kind]
         group.add_argument(f.metadata["flag"], dest=f"ice_{f.name}", type=parse, default=None,
                            metavar="on|off" if kind is bool else ("L,L" if kind == "layers" else "N"),
                            help=f.metadata["help"] + " (default: library default)")

@@ -41,6 +41,19 @@ def test_chat_with_piped_stdin(builds, bundled_model):
     assert lines[0].strip() and lines[2].strip()
 
 
+def test_chat_speed_command_retunes_the_live_context(builds, bundled_model):
+    proc = run_cli("chat", "-n", "8", "--temp", "0", "--ctx-size", "1024",
+                   input="Name a colour.\n/speed\n/speed 2\n/speed 12\n/speed\nName a fruit.\n/exit\n")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "(speed default; /speed 1..8, 1 = most exact)" in lines
+    assert "(speed 2: top_blocks=48, window=128)" in lines
+    assert "(speed must be a number from 1 to 8, got '12')" in lines
+    # the setting stuck, and the conversation went on on the same context
+    assert lines.count("(speed 2; /speed 1..8, 1 = most exact)") == 1
+    assert lines[-1].strip() and not lines[-1].startswith("(")
+
+
 def test_chat_says_when_the_context_is_full(builds, bundled_model):
     long_turn = "Please repeat: " + "lorem ipsum dolor sit amet " * 40
     proc = run_cli("chat", "-n", "8", "--temp", "0", "--ctx-size", "128", input=long_turn + "\nHi\n")
@@ -87,6 +100,8 @@ def test_offline_download(tmp_path):
     (("generate", "-p", "x", "--top-k", "-1"), "--top-k"),
     (("generate", "-p", "x", "--backend", "gpu"), "--backend"),
     (("generate",), "--prompt"),
+    (("generate", "-p", "x", "--speed", "9"), "--speed"),
+    (("generate", "-p", "x", "--speed", "0"), "--speed"),
 ])
 def test_bad_arguments(args, fragment):
     assert_one_line_error(run_cli(*args), fragment)

@@ -1,0 +1,52 @@
+"""The latency knob (--speed): its levels, how it combines with explicit knobs, and that it trades
+accuracy in the stated direction on the bundled model."""
+
+import numpy as np
+import pytest
+
+from iceformer_llama.settings import SPEED_LEVELS, IceformerSettings
+from test_dense_identity import probe
+
+
+def exact_keys(level: int) -> int:
+    """Keys a query attends exactly at a level, beyond the 4 sinks (blocks of 32 plus the window)."""
+    knobs = SPEED_LEVELS[level]
+    return knobs["top_blocks"] * 32 + knobs["window"]
+
+
+def test_levels_run_from_most_exact_to_fastest():
+    levels = sorted(SPEED_LEVELS)
+    assert levels == list(range(1, len(levels) + 1))
+    budgets = [exact_keys(lv) for lv in levels]
+    assert all(a > b for a, b in zip(budgets, budgets[1:])), budgets
+
+
+def test_explicit_knobs_win_over_the_level():
+    assert IceformerSettings(speed=3).kernel_overrides() == {"top_blocks": 32, "window": 64}
+    assert IceformerSettings(speed=3, window=200).kernel_overrides() == {"top_blocks": 32, "window": 200}
+    assert IceformerSettings(top_blocks=5).kernel_overrides() == {"top_blocks": 5}
+    assert IceformerSettings().kernel_overrides() == {}
+
+
+@pytest.mark.parametrize("bad", [0, 9, -1, True, "3"])
+def test_bad_levels_are_refused(bad):
+    with pytest.raises(ValueError, match="speed must be"):
+        IceformerSettings(speed=bad)
+
+
+def _top1(ref: np.ndarray, got: np.ndarray) -> float:
+    return float((ref.argmax(axis=1) == got.argmax(axis=1)).mean())
+
+
+def test_a_slower_level_is_closer_to_dense(builds, bundled_model, tmp_path):
+    """1536 tokens, layers sparse past min_n_kv (1024 visible keys): speed 1 attends about 2.2k keys
+    per query (everything here), speed 8 about 160, so speed 8 must lose agreement and speed 1 must not."""
+    n = 1536
+    dense = probe(tmp_path, "patched", "dense", n_tokens=n)[1100:]
+    exact = probe(tmp_path, "patched", "iceformer", n_tokens=n, speed=1)[1100:]
+    fast = probe(tmp_path, "patched", "iceformer", n_tokens=n, speed=8)[1100:]
+    assert not np.array_equal(fast, exact)
+    err_exact = float(np.abs(exact - dense).max(axis=1).mean())
+    err_fast = float(np.abs(fast - dense).max(axis=1).mean())
+    assert err_exact < err_fast, (err_exact, err_fast)
+    assert _top1(dense, exact) >= _top1(dense, fast)
