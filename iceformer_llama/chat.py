@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from .settings import SPEED_LEVELS
+from .settings import DEFAULT_SPEED, SPEED_LEVELS
 
 HELP = "/reset starts over, /speed N sets the latency knob, /exit quits, Ctrl-C stops a reply"
 
@@ -79,7 +79,8 @@ def _speed_command(llm, arg: str) -> str:
         return f"(/speed needs iceformer attention; this chat runs {llm.attention} attention)"
     if not arg:
         level = llm.iceformer_settings.speed
-        return f"(speed {level if level is not None else 'default'}; /speed {lo}..{hi}, {lo} = most exact)"
+        shown = level if level is not None else f"{DEFAULT_SPEED} (default)"
+        return f"(speed {shown}; /speed {lo}..{hi}, {lo} = most exact)"
     try:
         level = int(arg)
     except ValueError:

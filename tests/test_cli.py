@@ -46,7 +46,7 @@ def test_chat_speed_command_retunes_the_live_context(builds, bundled_model):
                    input="Name a colour.\n/speed\n/speed 2\n/speed 12\n/speed\nName a fruit.\n/exit\n")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert "(speed default; /speed 1..8, 1 = most exact)" in lines
+    assert "(speed 3 (default); /speed 1..8, 1 = most exact)" in lines
     assert "(speed 2: top_blocks=48, window=128)" in lines
     assert "(speed must be a number from 1 to 8, got '12')" in lines
     # the setting stuck, and the conversation went on on the same context

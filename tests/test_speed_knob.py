@@ -4,7 +4,8 @@ accuracy in the stated direction on the bundled model."""
 import numpy as np
 import pytest
 
-from iceformer_llama.settings import SPEED_LEVELS, IceformerSettings
+from iceformer_llama import native
+from iceformer_llama.settings import DEFAULT_SPEED, SPEED_LEVELS, IceformerSettings
 from test_dense_identity import probe
 
 
@@ -19,6 +20,12 @@ def test_levels_run_from_most_exact_to_fastest():
     assert levels == list(range(1, len(levels) + 1))
     budgets = [exact_keys(lv) for lv in levels]
     assert all(a > b for a, b in zip(budgets, budgets[1:])), budgets
+
+
+def test_the_library_default_is_the_default_level():
+    """The defaults live in C (ice_attn_default_params); the Python table must name them as a level."""
+    p = native.AttnParams.default()
+    assert {k: getattr(p, k) for k in SPEED_LEVELS[DEFAULT_SPEED]} == SPEED_LEVELS[DEFAULT_SPEED]
 
 
 def test_explicit_knobs_win_over_the_level():
