@@ -276,6 +276,25 @@ static int row_visible(struct ice_thread * th, const struct ice_attn_io * io, in
     return 0;
 }
 
+void ice_kv_axpys_transposed(const struct ice_kv * kv, float * o, const float * w, const int32_t * cells, int64_t n) {
+    const size_t es = ice_type_size(kv->vt);
+    if (kv->v_nb1 != es) {   // neither layout is contiguous: element by element
+        for (int64_t i = 0; i < n; i++) ice_kv_axpy(kv, o, w[i], cells[i]);
+        return;
+    }
+    for (int64_t i0 = 0; i0 < n;) {
+        int64_t i1 = i0 + 1;
+        while (i1 < n && cells[i1] == cells[i1 - 1] + 1) i1++;
+        const char * base = kv->v + (size_t)cells[i0] * es;
+        for (int64_t d = 0; d < kv->d_v; d++) {
+            const char * row = base + (size_t)d * kv->v_nb0;
+            o[d] += kv->vt == ICE_TYPE_F16 ? ice_dot_f16(w + i0, (const uint16_t *)(const void *)row, i1 - i0)
+                                           : ice_dot(w + i0, (const float *)(const void *)row, i1 - i0);
+        }
+        i0 = i1;
+    }
+}
+
 // softmax over sc[0..n) of cells, output into o (d_v), zero when n == 0
 static void attend_cells(const struct ice_kv * kv, const int32_t * cells, int64_t n, float * sc, float * o) {
     const int64_t dv = kv->d_v;

@@ -124,13 +124,17 @@ static inline void ice_kv_dots(const struct ice_kv * kv, const float * q, const 
     ice_dots_rows(q, kv->k, kv->k_nb1, kv->kt, cells, n, kv->d_k, out);
 }
 
+// The same for a transposed V cache (cells contiguous per dimension; attn.c): runs of consecutive
+// cells become one contiguous dot product per dimension.
+void ice_kv_axpys_transposed(const struct ice_kv * kv, float * o, const float * w, const int32_t * cells, int64_t n);
+
 // o += sum_i w[i] * value of cell cells[i], i < n
 static inline void ice_kv_axpys(const struct ice_kv * kv, float * o, const float * w, const int32_t * cells, int64_t n) {
     if (kv->v_nb0 == ice_type_size(kv->vt)) {
         ice_axpys_rows(o, w, kv->v, kv->v_nb1, kv->vt, cells, n, kv->d_v);
         return;
     }
-    for (int64_t i = 0; i < n; i++) ice_kv_axpy(kv, o, w[i], cells[i]);
+    ice_kv_axpys_transposed(kv, o, w, cells, n);
 }
 
 // tail.c
