@@ -32,5 +32,5 @@ asan="$("$cc" -print-file-name=libasan.so)"
 ubsan="$("$cc" -print-file-name=libubsan.so)"
 cd "$tmp"
 PYTHONPATH="$tmp/pkg:$root/tests" LD_PRELOAD="$asan:$ubsan" ASAN_OPTIONS="detect_leaks=0:abort_on_error=1" \
-    python -m pytest -q -p no:cacheprovider --rootdir="$tmp" "$root/tests/test_native_index.py" "$root/tests/test_native_attention.py" "$@"
+    python -m pytest -q -p no:cacheprovider --rootdir="$tmp" "$root/tests/test_native_index.py" "$root/tests/test_native_attention.py" "$root/tests/test_native_persistent.py" "$@"
 echo "sanitizers: clean"

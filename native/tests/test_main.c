@@ -89,6 +89,20 @@ static void test_attention(bool exact, bool tail) {
     for (int i = 0; i < D * H * T * S; i++) CHECK(isfinite(o1[i]) && isfinite(od[i]));
     CHECK(ice_attn_state_memory(st) > 0);
     CHECK(ice_attn_forward(st, &io, 3, 3) == ICE_STATUS_INVALID_ARG);
+    // persistence: decode-like updates, each rewriting one cell in place (a reused cell) and naming it
+    // in `written` with a new cache version; one key far beyond the embedding bound (DCI rebuild)
+    int64_t w[1];
+    io.out.data = o3;
+    io.written = w; io.n_written = 1; io.stream_cells = NKV;
+    for (int step = 0; step < 8; step++) {
+        const int64_t cell = (step * 97) % NKV;
+        for (int d = 0; d < D; d++) k[cell * D + d] = ice_f32_to_f16(frand() * (step == 5 ? 40.0f : 3.0f));
+        w[0] = cell;
+        io.epoch_before = 1; io.epoch_after = 2 + (uint64_t)step;
+        for (int i = 0; i < 2; i++) CHECK(ice_attn_prepare(st, &io, i, 2) == ICE_STATUS_OK);
+        for (int i = 0; i < 2; i++) CHECK(ice_attn_forward(st, &io, i, 2) == ICE_STATUS_OK);
+        for (int i = 0; i < D * H * T * S; i++) CHECK(isfinite(o3[i]));
+    }
     ice_attn_state_free(st);
     free(q); free(k); free(v); free(m); free(o1); free(o3); free(od);
 }
