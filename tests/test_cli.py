@@ -102,6 +102,7 @@ def test_offline_download(tmp_path):
     (("generate",), "--prompt"),
     (("generate", "-p", "x", "--speed", "9"), "--speed"),
     (("generate", "-p", "x", "--speed", "0"), "--speed"),
+    (("generate", "-p", "x", "--backend", "stock", "--speed", "2", "--sinks", "8"), "(--speed, --sinks) need the patched"),
 ])
 def test_bad_arguments(args, fragment):
     assert_one_line_error(run_cli(*args), fragment)
