@@ -169,7 +169,6 @@ static float project_one(const struct ice_dci * d, const float * key, int64_t j,
 int ice_dci_upsert(struct ice_dci * d, const float * key, int32_t pt) {
     const int64_t dim = d->dim, nd = (int64_t)d->L * d->m;
     if (pt < 0 || pt > d->n) return -1;
-    if (ICE_RESERVE(&d->tmpf, &d->tmpf_cap, dim, 1)) return -1;
     float nn = 0;
     for (int64_t c = 0; c < dim; c++) { const float x = key[c] - d->mean[c]; nn += x * x; }
     const float M2 = d->max_norm * d->max_norm;
@@ -189,7 +188,7 @@ int ice_dci_upsert(struct ice_dci * d, const float * key, int32_t pt) {
         d->proj_cap = (size_t)(nd * ns) * sizeof(float); d->pidx_cap = (size_t)(nd * ns) * sizeof(int32_t);
         d->stride = ns;
     }
-    const int64_t n_old = pt < d->n ? d->n : d->n;   // entries before the update
+    const int64_t n_old = d->n;                  // entries before the update
     for (int64_t j = 0; j < nd; j++) {
         float * pj = d->proj + j * d->stride;
         int32_t * xj = d->pidx + j * d->stride;
