@@ -44,13 +44,10 @@ static void axpy_f16_scalar(float * y, float a, const uint16_t * x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * ice_f16_to_f32(x[i]);
 }
 
-static float dot_row(const float * a, const char * row, enum ice_type t, int64_t n) {
-    return t == ICE_TYPE_F16 ? ice_dot_f16(a, (const uint16_t *)(const void *)row, n) : ice_dot(a, (const float *)(const void *)row, n);
-}
-
 static void dots_rows_generic(const float * a, const char * base, size_t stride, enum ice_type t, const int32_t * idx,
         int64_t cnt, int64_t n, float * out) {
-    for (int64_t i = 0; i < cnt; i++) out[i] = dot_row(a, base + (size_t)(idx ? idx[i] : i) * stride, t, n);
+    const struct ice_rows rows = { base, t, stride };
+    for (int64_t i = 0; i < cnt; i++) out[i] = ice_rows_dot(&rows, a, idx ? idx[i] : i, n);
 }
 
 static void axpys_rows_generic(float * y, const float * w, const char * base, size_t stride, enum ice_type t,
