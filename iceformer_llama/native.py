@@ -46,6 +46,12 @@ def status_str(status: int) -> str:
     return ffi.string(lib.ice_status_str(status)).decode()
 
 
+def simd_variant() -> str:
+    """The SIMD variant of this process's kernels: "avx512", "avx2" or "scalar"."""
+    # const char * ice_simd_name(void);
+    return ffi.string(lib.ice_simd_name()).decode()
+
+
 def _check(status: int, what: str) -> None:
     if status != lib.ICE_STATUS_OK:
         raise NativeError(status, what)

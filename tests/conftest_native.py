@@ -4,6 +4,7 @@ Not a conftest.py (the project's conftest.py is elsewhere): the tests import it 
 """
 
 import importlib
+import itertools
 
 import numpy as np
 
@@ -92,3 +93,42 @@ def structured_keys(rng, n, d, rank=8, n_big=2):
     sel = rng.random(n) < 0.05
     k[sel] += big[rng.integers(0, n_big, sel.sum())]
     return k.astype(np.float32)
+
+
+def block_search_reference(q, k, v, mask, scale, n_sel, B, sinks, window):
+    """The coarse block search spelled out in float64 (tail estimate off, min_n_kv 0): per row and head,
+    softmax over the first `sinks` and last `window` visible cells plus the visible cells of the n_sel
+    best blocks. A block seen whole scores q.mean + 2 sqrt(q^2 . var) over its keys, one the mask cuts
+    its best visible q.k; blocks with nothing visible or nothing outside the union are not chosen; ties
+    go to the lower block."""
+    S, H, T, _ = q.shape
+    G, N = H // k.shape[1], k.shape[2]
+    out = np.zeros((S, T, H, v.shape[-1]))
+    for s, t, h in itertools.product(range(S), range(T), range(H)):
+        qq, kk, vv = q[s, h, t].astype(np.float64), k[s, h // G].astype(np.float64), v[s, h // G].astype(np.float64)
+        m = mask[min(s, mask.shape[0] - 1), t].astype(np.float64)
+        vis = np.flatnonzero(np.isfinite(m))
+        if len(vis) == 0:
+            continue
+        union = set(vis.tolist()) if len(vis) <= sinks + window else set(vis[:sinks].tolist()) | set(vis[len(vis) - window:].tolist())
+        if len(vis) > sinks + window:
+            ranked = []
+            for b in range((N + B - 1) // B):
+                cells = np.arange(b * B, min((b + 1) * B, N))
+                seen = cells[np.isfinite(m[cells])]
+                if len(seen) == 0 or (len(seen) == len(cells) and union.issuperset(cells.tolist())):
+                    continue
+                if len(seen) == len(cells):
+                    kb = kk[cells]
+                    var = ((kb - kb.mean(0)) ** 2).mean(0)
+                    score = kb.mean(0) @ qq + 2 * np.sqrt((qq * qq) @ var)
+                else:
+                    score = (kk[seen] @ qq).max()
+                ranked.append((-score, b, seen.tolist()))
+            for _, _, seen in sorted(ranked)[:n_sel]:
+                union |= set(seen)
+        cells = np.array(sorted(union))
+        sc = scale * (kk[cells] @ qq) + m[cells]
+        p = np.exp(sc - sc.max())
+        out[s, t, h] = p @ vv[cells] / p.sum()
+    return out

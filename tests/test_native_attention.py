@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 import pytest
 
-from conftest_native import load_native, make_mask, nmse, reference_attention, structured_keys
+from conftest_native import block_search_reference, load_native, make_mask, nmse, reference_attention, structured_keys
 
 native = load_native()
 
@@ -205,3 +205,28 @@ def test_bad_io_raises():
         native.AttnParams.default(top_k=-1) and native.AttentionState(native.AttnParams.default(top_k=-1))
     with pytest.raises(TypeError):
         native.AttnParams.default(topk=3)
+
+
+@pytest.mark.parametrize("keys", ["structured", "tied"])
+@pytest.mark.parametrize("mk", ["causal", "two_seq"])
+def test_block_search_matches_reference(keys, mk):
+    """Which blocks the coarse search attends: the n_sel best by score, ties to the lower block. "tied"
+    makes most blocks exact copies of one block (equal scores in float32 and float64 alike) beside
+    three strong ones, so the tie rule decides the rest of the selection."""
+    n_kv, n_tok, B, n_sel = 32 * 24 - 5, 8, 32, 6
+    q, k, v, mask, scale = _data(n_kv, n_tok, 64, 3, mk, "f32", seed=21, n_head_kv=2)
+    if keys == "tied":
+        base = k[:, :, 32:64].copy()
+        for b in range(1, n_kv // B):
+            k[:, :, b * B:(b + 1) * B] = base
+        for b, f in ((4, 3.0), (11, 2.5), (17, 2.0)):
+            k[:, :, b * B:(b + 1) * B] *= f
+    params = native.AttnParams.default(top_k=0, top_blocks=n_sel, block_size=B, n_sinks=4, window=16, min_n_kv=0,
+                                       tail_estimate=False)
+    ref = block_search_reference(q, k, v, mask, scale, n_sel, B, 4, 16)
+    out = native.attention(q, k, v, mask, scale, params)
+    assert nmse(out, ref) < 1e-6
+    # and the search matters here: attending fewer blocks gives a different answer
+    fewer = native.attention(q, k, v, mask, scale, native.AttnParams.default(
+        top_k=0, top_blocks=n_sel - 2, block_size=B, n_sinks=4, window=16, min_n_kv=0, tail_estimate=False))
+    assert nmse(fewer, ref) > 1e-6

@@ -64,6 +64,10 @@ enum ice_status {
 
 const char * ice_status_str(enum ice_status status);
 
+// The SIMD variant the kernels use in this process: "avx512", "avx2" or "scalar". Picked once from
+// the CPU; the environment variable ICEFORMER_SIMD=avx2|scalar caps it (tests of every variant).
+const char * ice_simd_name(void);
+
 // Element types of tensors passed through struct ice_view.
 enum ice_type {
     ICE_TYPE_F32 = 0,

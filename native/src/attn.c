@@ -49,7 +49,7 @@ static void head_free(struct ice_head * h) {
 static void thread_free(struct ice_thread * t) {
     if (!t) return;
     ice_dci_scratch_free(&t->dci);
-    free(t->vis); free(t->vis_bcnt); free(t->q); free(t->sc); free(t->qk); free(t->bsc); free(t->bsel); free(t->bqk); free(t->q2); free(t->bsp); free(t->partial); free(t->uni); free(t->stamp);
+    free(t->vis); free(t->vis_bcnt); free(t->q); free(t->sc); free(t->qk); free(t->bsc); free(t->bcov); free(t->bkey); free(t->bqk); free(t->q2); free(t->bsp); free(t->partial); free(t->uni); free(t->stamp);
     free(t->heap_s); free(t->heap_i); free(t->w); free(t->tmp); free(t->krow); free(t->dirty); free(t->k32); free(t->stat);
     free(t);
 }
@@ -73,7 +73,7 @@ size_t ice_attn_state_memory(const struct ice_attn_state * state) {
         const struct ice_thread * t = state->threads[i];
         if (!t) continue;
         b += sizeof *t + t->dci.cnt_cap + t->dci.cand_cap + t->dci.touched_cap + t->dci.qn_cap +
-             t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->qk_cap + t->bsc_cap + t->bsel_cap + t->bqk_cap + t->q2_cap + t->bsp_cap + t->partial_cap + t->uni_cap + t->stamp_cap +
+             t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->qk_cap + t->bsc_cap + t->bcov_cap + t->bkey_cap + t->bqk_cap + t->q2_cap + t->bsp_cap + t->partial_cap + t->uni_cap + t->stamp_cap +
              t->heap_s_cap + t->heap_i_cap + t->w_cap + t->tmp_cap + t->krow_cap + t->dirty_cap + t->k32_cap + t->stat_cap;
     }
     return b;
@@ -243,7 +243,7 @@ static int row_visible(struct ice_thread * th, const struct ice_attn_io * io, in
         return 0;
     }
     th->vis_mask = NULL;
-    if (ICE_RESERVE(&th->vis, &th->vis_cap, n_kv + 1, 0)) return -1;
+    if (ICE_RESERVE(&th->vis, &th->vis_cap, n_kv + 16, 0)) return -1;   // + the vector scan's overshoot
     const void * mrow = ice_mask_row(io, t, s);
     // block by block, so the per-block counts need no division per cell
     const int64_t nb = (n_kv + B - 1) / B;
@@ -253,8 +253,7 @@ static int row_visible(struct ice_thread * th, const struct ice_attn_io * io, in
     for (int64_t b = 0; b < nb; b++) {
         const int64_t j1 = (b + 1) * B < n_kv ? (b + 1) * B : n_kv, nv0 = nv;
         if (io->mask.type == ICE_TYPE_F16) {
-            const uint16_t * m = mrow;
-            for (int64_t j = b * B; j < j1; j++) { vis[nv] = (int32_t)j; nv += m[j] != 0xfc00u; }
+            nv += ice_visible_f16(mrow, b * B, j1, vis + nv);
         } else {
             for (int64_t j = b * B; j < j1; j++) if (ice_mask_visible(io->mask.type, mrow, j)) vis[nv++] = (int32_t)j;
         }
@@ -300,10 +299,7 @@ static void attend_cells(const struct ice_kv * kv, const int32_t * cells, int64_
     const int64_t dv = kv->d_v;
     memset(o, 0, (size_t)dv * sizeof(float));
     if (n == 0) return;
-    float mx = -INFINITY;
-    for (int64_t i = 0; i < n; i++) if (sc[i] > mx) mx = sc[i];
-    float sum = 0;
-    for (int64_t i = 0; i < n; i++) { sc[i] = expf(sc[i] - mx); sum += sc[i]; }
+    const float sum = ice_exp_sum(sc, n, ice_max(sc, n));
     ice_kv_axpys(kv, o, sc, cells, n);
     const float inv = 1.0f / sum;
     for (int64_t d = 0; d < dv; d++) o[d] *= inv;
@@ -379,7 +375,7 @@ static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread
     }
     th->bqk_valid = 0;
     if (blocks) {
-        const int64_t added = ice_block_select(h, &kv, th, p->top_blocks, q, gen, th->uni + nu);
+        const int64_t added = ice_block_select(h, &kv, th, p->top_blocks, q, th->uni, nu, gen, th->uni + nu);
         if (added < 0) return ICE_STATUS_NO_MEMORY;
         nu += added;
     }

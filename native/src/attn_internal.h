@@ -54,8 +54,9 @@ struct ice_thread {
     float   * q;        size_t q_cap;
     float   * sc;       size_t sc_cap;       // scores
     float   * qk;       size_t qk_cap;       // q.k of the union's points (reused by the tail)
-    float   * bsc;      size_t bsc_cap;      // coarse search: scores of the chosen blocks
-    int32_t * bsel;     size_t bsel_cap;     // coarse search: the chosen blocks
+    float   * bsc;      size_t bsc_cap;      // coarse search: per-block scores
+    int32_t * bcov;     size_t bcov_cap;     // coarse search: union cells per block (zero between rows)
+    uint32_t * bkey;    size_t bkey_cap;     // coarse search: per-block scores as ordered keys, then scratch
     float   * bqk;      size_t bqk_cap;      // q . (key sum) per block, for this row and head
     float   * q2;       size_t q2_cap;       // q squared elementwise (spread term of block scores)
     float   * bsp;      size_t bsp_cap;      // coarse search: q2 . (key variance) per block
@@ -142,11 +143,12 @@ static inline void ice_kv_axpys(const struct ice_kv * kv, float * o, const float
 void ice_tail_init_tables(void);
 // Recomputes block b's count, sums and variance from the cache. krow: scratch of d_k floats.
 void ice_tail_block(struct ice_head * hd, const struct ice_kv * kv, int64_t b, float * krow);
-// Coarse search: among the blocks with cells visible to the row (th->vis_bcnt), picks the n_sel with
-// the largest optimistic score and appends their visible cells not yet stamped `gen` to out.
-// Returns the number appended, -1 when out of memory. out must hold n_sel * block_size cells.
+// Coarse search: among the blocks with cells visible to the row (th->vis_bcnt) and not already covered
+// by the union so far (uni: nu cells, stamped `gen`), picks the n_sel with the largest optimistic score
+// and appends their visible cells not yet stamped to out, in cell order. Returns the number appended,
+// -1 when out of memory. out must hold n_sel * block_size cells.
 int64_t ice_block_select(const struct ice_head * hd, const struct ice_kv * kv, struct ice_thread * th, int32_t n_sel,
-        const float * q, uint32_t gen, int32_t * out);
+        const float * q, const int32_t * uni, int64_t nu, uint32_t gen, int32_t * out);
 // Adds the estimate of the visible points outside the union to a row: given the union
 // `uni` (n_uni cells) with scores sc (scale*q.k + mask, already computed), writes per-union
 // weights and the output. Returns 0 on success.

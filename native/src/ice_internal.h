@@ -81,10 +81,16 @@ void  ice_dots_rows(const float * a, const char * base, size_t stride, enum ice_
         int64_t cnt, int64_t n, float * out);
 void  ice_axpys_rows(float * y, const float * w, const char * base, size_t stride, enum ice_type t,
         const int32_t * idx, int64_t cnt, int64_t n);
+// Softmax numerators: x[i] = exp(x[i] - mx) for i < n, returns their sum. The vector variants use a
+// polynomial (relative error about 1e-7 against expf); arguments below -87.3 give 0.
+float ice_exp_sum(float * x, int64_t n, float mx);
+// max of x[0..n), -INFINITY when n == 0 (NaNs are skipped)
+float ice_max(const float * x, int64_t n);
+// Appends to out the cells j in [j0, j1) an f16 mask row m shows (m[j] != -inf); returns how many.
+// out needs room for j1 - j0 + 16 entries (the vector variant stores sixteen at a time).
+int64_t ice_visible_f16(const uint16_t * m, int64_t j0, int64_t j1, int32_t * out);
 // dst[i] = f32(src[i]) for n contiguous halves
 void  ice_f16_row_to_f32(float * dst, const uint16_t * src, int64_t n);
-// name of the kernel variant in use ("avx512", "avx2", "scalar")
-const char * ice_simd_name(void);
 
 // ---------------------------------------------------------------------------
 // Views.

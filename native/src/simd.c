@@ -44,6 +44,18 @@ static void axpy_f16_scalar(float * y, float a, const uint16_t * x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * ice_f16_to_f32(x[i]);
 }
 
+static float exp_sum_scalar(float * x, int64_t n, float mx) {
+    float sum = 0;
+    for (int64_t i = 0; i < n; i++) { x[i] = expf(x[i] - mx); sum += x[i]; }
+    return sum;
+}
+
+static int64_t visible_f16_scalar(const uint16_t * m, int64_t j0, int64_t j1, int32_t * out) {
+    int64_t nv = 0;
+    for (int64_t j = j0; j < j1; j++) { out[nv] = (int32_t)j; nv += m[j] != 0xfc00u; }
+    return nv;
+}
+
 static void dots_rows_generic(const float * a, const char * base, size_t stride, enum ice_type t, const int32_t * idx,
         int64_t cnt, int64_t n, float * out) {
     const struct ice_rows rows = { base, t, stride };
@@ -124,6 +136,50 @@ static void f16_f16c(float * dst, const uint16_t * src, int64_t n) {
     for (; i < n; i++) dst[i] = ice_f16_to_f32(src[i]);
 }
 
+// exp(x) for x <= 88 as Cephes expf does it (x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial; relative
+// error about 1e-7); x below -87.3 (and -inf) gives 0. The AVX-512 version scales by 2^n with scalef.
+#define ICE_EXP_POLY(FMA, SET1, r, p) do { \
+        p = FMA(SET1(1.9875691500e-4f), r, SET1(1.3981999507e-3f)); \
+        p = FMA(p, r, SET1(8.3334519073e-3f)); p = FMA(p, r, SET1(4.1665795894e-2f)); \
+        p = FMA(p, r, SET1(1.6666665459e-1f)); p = FMA(p, r, SET1(5.0000001201e-1f)); \
+    } while (0)
+
+__attribute__((target("avx2,fma")))
+static inline __m256 exp8_avx2(__m256 x) {
+    const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3f)), _mm256_set1_ps(-87.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p;
+    ICE_EXP_POLY(_mm256_fmadd_ps, _mm256_set1_ps, r, p);
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), live);
+}
+
+__attribute__((target("avx2,fma")))
+static float exp_sum_avx2(float * x, int64_t n, float mx) {
+    const __m256 vm = _mm256_set1_ps(mx);
+    __m256 s = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 e = exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
+        _mm256_storeu_ps(x + i, e);
+        s = _mm256_add_ps(s, e);
+    }
+    float buf[8];
+    _mm256_storeu_ps(buf, s);
+    float sum = ((buf[0] + buf[1]) + (buf[2] + buf[3])) + ((buf[4] + buf[5]) + (buf[6] + buf[7]));
+    if (i < n) {
+        float t[8] = { 0 };
+        memcpy(t, x + i, (size_t)(n - i) * sizeof(float));
+        _mm256_storeu_ps(buf, exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(t), vm)));
+        for (int64_t j = 0; j < n - i; j++) { x[i + j] = buf[j]; sum += buf[j]; }
+    }
+    return sum;
+}
+
 // ---- AVX-512F --------------------------------------------------------------
 
 __attribute__((target("avx512f")))
@@ -176,6 +232,55 @@ static void axpy_f16_avx512(float * y, float a, const uint16_t * x, int64_t n) {
         _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, xv, _mm512_loadu_ps(y + i)));
     }
     for (; i < n; i++) y[i] += a * ice_f16_to_f32(x[i]);
+}
+
+__attribute__((target("avx512f")))
+static inline __m512 exp16_avx512(__m512 x) {
+    const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.3f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p;
+    ICE_EXP_POLY(_mm512_fmadd_ps, _mm512_set1_ps, r, p);
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+__attribute__((target("avx512f")))
+static float exp_sum_avx512(float * x, int64_t n, float mx) {
+    const __m512 vm = _mm512_set1_ps(mx);
+    __m512 s = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 e = exp16_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + i), vm));
+        _mm512_storeu_ps(x + i, e);
+        s = _mm512_add_ps(s, e);
+    }
+    if (i < n) {
+        const __mmask16 mk = (__mmask16)((1u << (n - i)) - 1u);
+        const __m512 e = _mm512_maskz_mov_ps(mk, exp16_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, x + i), vm)));
+        _mm512_mask_storeu_ps(x + i, mk, e);
+        s = _mm512_add_ps(s, e);
+    }
+    return _mm512_reduce_add_ps(s);
+}
+
+// Visible cells of an f16 mask row, sixteen at a time: compare, then compress the cell numbers.
+// Writes up to 15 entries past the count (callers size out with room for them).
+__attribute__((target("avx512f")))
+static int64_t visible_f16_avx512(const uint16_t * m, int64_t j0, int64_t j1, int32_t * out) {
+    const __m512i ninf = _mm512_set1_epi32(0xfc00), step = _mm512_set1_epi32(16);
+    __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int32_t)j0), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    int64_t nv = 0, j = j0;
+    for (; j + 16 <= j1; j += 16) {
+        const __m512i mv = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(const void *)(m + j)));
+        const __mmask16 vis = _mm512_cmpneq_epi32_mask(mv, ninf);
+        _mm512_storeu_si512((void *)(out + nv), _mm512_maskz_compress_epi32(vis, idx));
+        nv += __builtin_popcount((unsigned) vis);
+        idx = _mm512_add_epi32(idx, step);
+    }
+    return nv + visible_f16_scalar(m, j, j1, out + nv);
 }
 
 // Batched forms for rows of 16k elements: the query (resp. the output) stays in registers across
@@ -337,4 +442,35 @@ void ice_axpys_rows(float * y, const float * w, const char * base, size_t stride
     if (batched_avx512(n)) { axpys_rows_avx512(y, w, base, stride, t, idx, cnt, n); return; }
 #endif
     axpys_rows_generic(y, w, base, stride, t, idx, cnt, n);
+}
+
+float ice_exp_sum(float * x, int64_t n, float mx) {
+#ifdef ICE_X86_DISPATCH
+    switch (simd_level()) {
+        case LVL_AVX512: return exp_sum_avx512(x, n, mx);
+        case LVL_AVX2:   return exp_sum_avx2(x, n, mx);
+        default: break;
+    }
+#endif
+    return exp_sum_scalar(x, n, mx);
+}
+
+float ice_max(const float * x, int64_t n) {
+    // four independent maxima: the loop is not one long dependency chain
+    float m0 = -INFINITY, m1 = -INFINITY, m2 = -INFINITY, m3 = -INFINITY;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        m0 = x[i] > m0 ? x[i] : m0; m1 = x[i + 1] > m1 ? x[i + 1] : m1;
+        m2 = x[i + 2] > m2 ? x[i + 2] : m2; m3 = x[i + 3] > m3 ? x[i + 3] : m3;
+    }
+    for (; i < n; i++) m0 = x[i] > m0 ? x[i] : m0;
+    m0 = m1 > m0 ? m1 : m0; m2 = m3 > m2 ? m3 : m2;
+    return m2 > m0 ? m2 : m0;
+}
+
+int64_t ice_visible_f16(const uint16_t * m, int64_t j0, int64_t j1, int32_t * out) {
+#ifdef ICE_X86_DISPATCH
+    if (simd_level() == LVL_AVX512) return visible_f16_avx512(m, j0, j1, out);
+#endif
+    return visible_f16_scalar(m, j0, j1, out);
 }

@@ -1,0 +1,78 @@
+"""Every SIMD variant the CPU offers (ICEFORMER_SIMD caps the choice per process) against the float64
+references: dense, the coarse block search with partial blocks, the tail estimate at full cover, and the
+vector exp of the softmax over rows long enough to use every lane and tail path.
+
+Tolerance: NMSE < 1e-6, as in test_native_attention.py (f32 arithmetic and a polynomial exp with
+relative error about 1e-7 give NMSE around 1e-12).
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest_native import block_search_reference, load_native, make_mask, nmse, reference_attention, structured_keys
+
+native = load_native()
+ORDER = ["scalar", "avx2", "avx512"]
+B, N_SEL, SINKS, WINDOW = 32, 5, 4, 16
+
+CONFIGS = {
+    "dense": dict(mode="dense"),
+    "blocks": dict(top_k=0, top_blocks=N_SEL, block_size=B, n_sinks=SINKS, window=WINDOW, min_n_kv=0,
+                   tail_estimate=False),
+    "tail-cover": dict(top_k=0, top_blocks=10_000, block_size=B, min_n_kv=0, tail_estimate=True),
+}
+
+CHILD = """
+import sys, numpy as np
+from iceformer_llama import native
+d = np.load(sys.argv[1])
+cfgs = eval(sys.argv[3])
+out = {"variant": np.array(native.simd_variant())}
+for name, cfg in cfgs.items():
+    cfg = dict(cfg)
+    mode = cfg.pop("mode", "iceformer")
+    params = native.AttnParams.default(**cfg) if mode == "iceformer" else None
+    out[name] = native.attention(d["q"], d["k"], d["v"], d["mask"], float(d["scale"]), params, mode=mode)
+np.savez(sys.argv[2], **out)
+"""
+
+
+def _data(mk, seed):
+    rng = np.random.default_rng(seed)
+    n_kv, n_tok, hd = 32 * 20 - 7, 9, 64      # a cut last block; rows of 600+ scores: every exp path
+    q = rng.standard_normal((1, 6, n_tok, hd)).astype(np.float32)
+    k = np.stack([structured_keys(rng, n_kv, hd) for _ in range(2)])[None].astype(np.float16)
+    v = rng.standard_normal((1, 2, n_kv, hd)).astype(np.float16)
+    mask = make_mask(mk, n_kv, n_tok, 16, rng, np.float16)[None]
+    return q, k, v, mask, 1.0 / np.sqrt(hd)
+
+
+def _run(variant, path, tmp_path):
+    env = dict(os.environ)
+    env.pop("ICEFORMER_SIMD", None)
+    if variant:
+        env["ICEFORMER_SIMD"] = variant
+    out = tmp_path / f"out-{variant or 'best'}.npz"
+    subprocess.run([sys.executable, "-c", CHILD, str(path), str(out), repr(CONFIGS)], check=True, env=env)
+    return np.load(out)
+
+
+@pytest.mark.parametrize("mk", ["causal", "two_seq"])
+def test_each_simd_variant_matches_references(mk, tmp_path):
+    q, k, v, mask, scale = _data(mk, seed=4)
+    path = tmp_path / "data.npz"
+    np.savez(path, q=q, k=k, v=v, mask=mask, scale=scale)
+    best = str(_run(None, path, tmp_path)["variant"])
+    assert best in ORDER
+    refs = {"dense": reference_attention(q, k, v, mask, scale),
+            "blocks": block_search_reference(q, k, v, mask, scale, N_SEL, B, SINKS, WINDOW)}
+    refs["tail-cover"] = refs["dense"]
+    for variant in ORDER[: ORDER.index(best) + 1]:
+        got = _run(variant, path, tmp_path)
+        assert str(got["variant"]) == variant
+        for name, ref in refs.items():
+            assert nmse(got[name], ref) < 1e-6, (variant, name)
