@@ -180,6 +180,102 @@ static float exp_sum_avx2(float * x, int64_t n, float mx) {
     return sum;
 }
 
+// Batched forms for rows of 8k elements (k <= 32), as the AVX-512 ones below: the query (resp. the
+// output) stays in registers across rows, eight dot products share one horizontal reduction. The
+// bodies are always inlined with nc constant for head sizes 64 and 128, so the register arrays unroll.
+__attribute__((target("avx2,fma,f16c")))
+static inline __m256 load8(const char * row, enum ice_type t, int64_t i) {
+    return t == ICE_TYPE_F16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(row + 2 * i)))
+                             : _mm256_loadu_ps((const float *)(const void *)(row + 4 * i));
+}
+
+__attribute__((target("avx2,fma,f16c"), always_inline))
+static inline __m256 row_acc8(const __m256 * qa, int64_t nc, const char * row, enum ice_type t) {
+    __m256 acc0 = _mm256_mul_ps(qa[0], load8(row, t, 0)), acc1 = _mm256_setzero_ps();
+#pragma GCC unroll 32
+    for (int64_t c = 1; c < nc; c++) {
+        if (c & 1) acc1 = _mm256_fmadd_ps(qa[c], load8(row, t, 8 * c), acc1);
+        else       acc0 = _mm256_fmadd_ps(qa[c], load8(row, t, 8 * c), acc0);
+    }
+    return _mm256_add_ps(acc0, acc1);
+}
+
+__attribute__((target("avx2,fma,f16c"), always_inline))
+static inline void dots_rows_avx2_n(const float * a, const char * base, size_t stride, enum ice_type t,
+        const int32_t * idx, int64_t cnt, int64_t nc, float * out) {
+    __m256 qa[32];
+#pragma GCC unroll 32
+    for (int64_t c = 0; c < nc; c++) qa[c] = _mm256_loadu_ps(a + 8 * c);
+    int64_t i = 0;
+    for (; i + 8 <= cnt; i += 8) {
+        __m256 y[8];
+        for (int r = 0; r < 8; r++) y[r] = row_acc8(qa, nc, base + (size_t)(idx ? idx[i + r] : i + r) * stride, t);
+        const __m256 t0 = _mm256_hadd_ps(y[0], y[1]), t1 = _mm256_hadd_ps(y[2], y[3]);
+        const __m256 t2 = _mm256_hadd_ps(y[4], y[5]), t3 = _mm256_hadd_ps(y[6], y[7]);
+        const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+        _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+    }
+    for (; i < cnt; i++) {
+        const __m256 s = row_acc8(qa, nc, base + (size_t)(idx ? idx[i] : i) * stride, t);
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        out[i] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    }
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static void dots_rows_avx2(const float * a, const char * base, size_t stride, enum ice_type t, const int32_t * idx,
+        int64_t cnt, int64_t n, float * out) {
+    if (n == 64) dots_rows_avx2_n(a, base, stride, t, idx, cnt, 8, out);
+    else if (n == 128) dots_rows_avx2_n(a, base, stride, t, idx, cnt, 16, out);
+    else dots_rows_avx2_n(a, base, stride, t, idx, cnt, n / 8, out);
+}
+
+__attribute__((target("avx2,fma,f16c"), always_inline))
+static inline void axpys_rows_avx2_n(float * y, const float * w, const char * base, size_t stride, enum ice_type t,
+        const int32_t * idx, int64_t cnt, int64_t nc) {
+    __m256 acc[32];
+#pragma GCC unroll 32
+    for (int64_t c = 0; c < nc; c++) acc[c] = _mm256_loadu_ps(y + 8 * c);
+    for (int64_t i = 0; i < cnt; i++) {
+        const char * row = base + (size_t)(idx ? idx[i] : i) * stride;
+        const __m256 wv = _mm256_set1_ps(w[i]);
+#pragma GCC unroll 32
+        for (int64_t c = 0; c < nc; c++) acc[c] = _mm256_fmadd_ps(wv, load8(row, t, 8 * c), acc[c]);
+    }
+#pragma GCC unroll 32
+    for (int64_t c = 0; c < nc; c++) _mm256_storeu_ps(y + 8 * c, acc[c]);
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static void axpys_rows_avx2(float * y, const float * w, const char * base, size_t stride, enum ice_type t,
+        const int32_t * idx, int64_t cnt, int64_t n) {
+    if (n == 64) axpys_rows_avx2_n(y, w, base, stride, t, idx, cnt, 8);
+    else if (n == 128) axpys_rows_avx2_n(y, w, base, stride, t, idx, cnt, 16);
+    else axpys_rows_avx2_n(y, w, base, stride, t, idx, cnt, n / 8);
+}
+
+// Visible cells of an f16 mask row, eight at a time: an all-visible group (the common case: causal rows,
+// one sequence) is stored as a vector, others cell by cell. Writes up to 7 entries past the count.
+__attribute__((target("avx2")))
+static int64_t visible_f16_avx2(const uint16_t * m, int64_t j0, int64_t j1, int32_t * out) {
+    const __m128i ninf = _mm_set1_epi16((short)0xfc00);
+    const __m256i step = _mm256_set1_epi32(8);
+    __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int32_t)j0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    int64_t nv = 0, j = j0;
+    for (; j + 8 <= j1; j += 8) {
+        const int hidden = _mm_movemask_epi8(_mm_cmpeq_epi16(_mm_loadu_si128((const __m128i *)(const void *)(m + j)), ninf));
+        if (hidden == 0) {
+            _mm256_storeu_si256((__m256i *)(void *)(out + nv), idx);
+            nv += 8;
+        } else if (hidden != 0xffff) {
+            nv += visible_f16_scalar(m, j, j + 8, out + nv);
+        }
+        idx = _mm256_add_epi32(idx, step);
+    }
+    return nv + visible_f16_scalar(m, j, j1, out + nv);
+}
+
 // ---- AVX-512F --------------------------------------------------------------
 
 __attribute__((target("avx512f")))
@@ -417,11 +513,21 @@ void ice_axpy_f16(float * y, float a, const uint16_t * x, int64_t n) {
     axpy_f16_scalar(y, a, x, n);
 }
 
-// The batched kernels take the AVX-512 path for rows of 16..256 elements in multiples of 16 (head
-// sizes); other sizes and CPUs loop over the single-row kernels.
+// The batched kernels take the AVX-512 path for rows of 16..256 elements in multiples of 16 and the
+// AVX2 path for 8..256 in multiples of 8 (head sizes); other sizes and CPUs loop over the single-row
+// kernels.
 static int batched_avx512(int64_t n) {
 #ifdef ICE_X86_DISPATCH
     return simd_level() == LVL_AVX512 && n % 16 == 0 && n >= 16 && n <= 256;
+#else
+    (void) n;
+    return 0;
+#endif
+}
+
+static int batched_avx2(int64_t n) {
+#ifdef ICE_X86_DISPATCH
+    return simd_level() == LVL_AVX2 && n % 8 == 0 && n >= 8 && n <= 256;
 #else
     (void) n;
     return 0;
@@ -432,6 +538,7 @@ void ice_dots_rows(const float * a, const char * base, size_t stride, enum ice_t
         int64_t cnt, int64_t n, float * out) {
 #ifdef ICE_X86_DISPATCH
     if (batched_avx512(n)) { dots_rows_avx512(a, base, stride, t, idx, cnt, n, out); return; }
+    if (batched_avx2(n)) { dots_rows_avx2(a, base, stride, t, idx, cnt, n, out); return; }
 #endif
     dots_rows_generic(a, base, stride, t, idx, cnt, n, out);
 }
@@ -440,6 +547,7 @@ void ice_axpys_rows(float * y, const float * w, const char * base, size_t stride
         const int32_t * idx, int64_t cnt, int64_t n) {
 #ifdef ICE_X86_DISPATCH
     if (batched_avx512(n)) { axpys_rows_avx512(y, w, base, stride, t, idx, cnt, n); return; }
+    if (batched_avx2(n)) { axpys_rows_avx2(y, w, base, stride, t, idx, cnt, n); return; }
 #endif
     axpys_rows_generic(y, w, base, stride, t, idx, cnt, n);
 }
@@ -471,6 +579,7 @@ float ice_max(const float * x, int64_t n) {
 int64_t ice_visible_f16(const uint16_t * m, int64_t j0, int64_t j1, int32_t * out) {
 #ifdef ICE_X86_DISPATCH
     if (simd_level() == LVL_AVX512) return visible_f16_avx512(m, j0, j1, out);
+    if (simd_level() == LVL_AVX2) return visible_f16_avx2(m, j0, j1, out);
 #endif
     return visible_f16_scalar(m, j0, j1, out);
 }
