@@ -18,6 +18,9 @@ ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" "$tmp/test_main"
 ICEFORMER_SIMD=avx2 ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" "$tmp/test_main"
 ICEFORMER_SIMD=scalar ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" "$tmp/test_main"
 
+echo "== native/bench compiles"
+"$cc" -std=c11 -fsyntax-only -Wall -Wextra -Werror -I"$root/native/include" "$root"/native/bench/*.c
+
 echo "== Python tests against the sanitized cffi module"
 mkdir -p "$tmp/pkg"
 cp -r "$root/iceformer_llama" "$tmp/pkg/"
