@@ -15,20 +15,20 @@ ATTENTION_MODES = ("dense", "iceformer")
 
 # The latency knob: one number from most exact (1) to fastest (8), chosen at any time without reloading
 # the model (Latency Adjustable Transformer style). Each level sets the kernel's budgets: the blocks of
-# block_size keys attended exactly per query and head (top_blocks) and the recent window; sinks (4),
-# block size (32), layer 0 dense and the tail estimate (off) stay at the library defaults. Levels were
-# chosen from measurements on the bundled model (README, "Latency knob"); a knob set explicitly beside
-# --speed wins over the level's value. The library default is level DEFAULT_SPEED: the fastest level
-# measured at >= 98% top-1 agreement with dense at 4k and 8k tokens.
+# block_size (16) keys attended exactly per query and head (top_blocks) and the recent window; sinks (4),
+# layer 0 dense and the tail estimate (off) stay at the library defaults. Levels were chosen from
+# measurements on the bundled model (README, "Latency knob"); a knob set explicitly beside --speed wins
+# over the level's value. The library default is level DEFAULT_SPEED: the fastest level measured within
+# +1% perplexity of dense (and >= 98% top-1 agreement) at 4k and 8k tokens.
 SPEED_LEVELS: dict[int, dict] = {
-    1: {"top_blocks": 64, "window": 128},
-    2: {"top_blocks": 48, "window": 128},
-    3: {"top_blocks": 32, "window": 64},
-    4: {"top_blocks": 24, "window": 64},
-    5: {"top_blocks": 16, "window": 64},
-    6: {"top_blocks": 12, "window": 64},
-    7: {"top_blocks": 8, "window": 64},
-    8: {"top_blocks": 4, "window": 32},
+    1: {"block_size": 16, "top_blocks": 128, "window": 128},
+    2: {"block_size": 16, "top_blocks": 96, "window": 128},
+    3: {"block_size": 16, "top_blocks": 64, "window": 64},
+    4: {"block_size": 16, "top_blocks": 48, "window": 64},
+    5: {"block_size": 16, "top_blocks": 32, "window": 64},
+    6: {"block_size": 16, "top_blocks": 24, "window": 64},
+    7: {"block_size": 16, "top_blocks": 16, "window": 64},
+    8: {"block_size": 16, "top_blocks": 8, "window": 32},
 }
 DEFAULT_SPEED = 3
 
@@ -41,12 +41,12 @@ def _knob(flag: str, help: str, kind=int):
 class IceformerSettings:
     """Knobs of the IceFormer kernel; None keeps the library default."""
 
-    speed: int | None = _knob("--speed", "latency knob, 1 (most exact) to 8 (fastest); sets top_blocks and "
-                              "window (see SPEED_LEVELS); explicit knobs win", kind="speed")
+    speed: int | None = _knob("--speed", "latency knob, 1 (most exact) to 8 (fastest); sets block_size, "
+                              "top_blocks and window (see SPEED_LEVELS); explicit knobs win", kind="speed")
     top_k: int | None = _knob("--top-k", "keys retrieved per query and head by k-NN search")
     n_sinks: int | None = _knob("--sinks", "first visible keys always attended (attention sinks)")
     window: int | None = _knob("--window", "most recent visible keys always attended")
-    block_size: int | None = _knob("--block-size", "keys per block summary (tail estimate)")
+    block_size: int | None = _knob("--block-size", "keys per block of the coarse block search and the tail estimate")
     min_n_kv: int | None = _knob("--min-n-kv", "rows with fewer visible keys run dense attention")
     n_composite: int | None = _knob("--dci-l", "DCI composite indices (L)")
     n_simple: int | None = _knob("--dci-m", "DCI simple indices per composite index (m)")

@@ -1,6 +1,7 @@
 """Every SIMD variant the CPU offers (ICEFORMER_SIMD caps the choice per process) against the float64
-references: dense, the coarse block search with partial blocks, the tail estimate at full cover, and the
-vector exp of the softmax over rows long enough to use every lane and tail path.
+references: dense, the coarse block search with partial blocks (blocks of 32 and of 16), the tail
+estimate at full cover, and the vector exp of the softmax over rows long enough to use every lane and
+tail path.
 
 Tolerance: NMSE < 1e-6, as in test_native_attention.py (f32 arithmetic and a polynomial exp with
 relative error about 1e-7 give NMSE around 1e-12).
@@ -24,6 +25,9 @@ CONFIGS = {
     "blocks": dict(top_k=0, top_blocks=N_SEL, block_size=B, n_sinks=SINKS, window=WINDOW, min_n_kv=0,
                    tail_estimate=False),
     "tail-cover": dict(top_k=0, top_blocks=10_000, block_size=B, min_n_kv=0, tail_estimate=True),
+    # 40 blocks of 16 (the default size): full vector iterations of the ranking keys plus a scalar rest
+    "blocks-16": dict(top_k=0, top_blocks=2 * N_SEL, block_size=B // 2, n_sinks=SINKS, window=WINDOW, min_n_kv=0,
+                      tail_estimate=False),
 }
 
 CHILD = """
@@ -69,7 +73,8 @@ def test_each_simd_variant_matches_references(mk, tmp_path):
     best = str(_run(None, path, tmp_path)["variant"])
     assert best in ORDER
     refs = {"dense": reference_attention(q, k, v, mask, scale),
-            "blocks": block_search_reference(q, k, v, mask, scale, N_SEL, B, SINKS, WINDOW)}
+            "blocks": block_search_reference(q, k, v, mask, scale, N_SEL, B, SINKS, WINDOW),
+            "blocks-16": block_search_reference(q, k, v, mask, scale, 2 * N_SEL, B // 2, SINKS, WINDOW)}
     refs["tail-cover"] = refs["dense"]
     for variant in ORDER[: ORDER.index(best) + 1]:
         got = _run(variant, path, tmp_path)

@@ -10,9 +10,9 @@ from test_dense_identity import probe
 
 
 def exact_keys(level: int) -> int:
-    """Keys a query attends exactly at a level, beyond the 4 sinks (blocks of 32 plus the window)."""
+    """Keys a query attends exactly at a level, beyond the 4 sinks (its blocks plus the window)."""
     knobs = SPEED_LEVELS[level]
-    return knobs["top_blocks"] * 32 + knobs["window"]
+    return knobs["top_blocks"] * knobs["block_size"] + knobs["window"]
 
 
 def test_levels_run_from_most_exact_to_fastest():
@@ -29,8 +29,9 @@ def test_the_library_default_is_the_default_level():
 
 
 def test_explicit_knobs_win_over_the_level():
-    assert IceformerSettings(speed=3).kernel_overrides() == {"top_blocks": 32, "window": 64}
-    assert IceformerSettings(speed=3, window=200).kernel_overrides() == {"top_blocks": 32, "window": 200}
+    assert IceformerSettings(speed=3).kernel_overrides() == {"block_size": 16, "top_blocks": 64, "window": 64}
+    assert IceformerSettings(speed=3, window=200).kernel_overrides() == {"block_size": 16, "top_blocks": 64,
+                                                                         "window": 200}
     assert IceformerSettings(top_blocks=5).kernel_overrides() == {"top_blocks": 5}
     assert IceformerSettings().kernel_overrides() == {}
 

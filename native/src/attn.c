@@ -49,7 +49,7 @@ static void head_free(struct ice_head * h) {
 static void thread_free(struct ice_thread * t) {
     if (!t) return;
     ice_dci_scratch_free(&t->dci);
-    free(t->vis); free(t->vis_bcnt); free(t->q); free(t->sc); free(t->qk); free(t->bsc); free(t->bcov); free(t->bkey); free(t->bqk); free(t->q2); free(t->bsp); free(t->partial); free(t->uni); free(t->stamp);
+    free(t->vis); free(t->vis_bcnt); free(t->q); free(t->sc); free(t->qk); free(t->bcov); free(t->bkey); free(t->bqk); free(t->q2); free(t->bsp); free(t->partial); free(t->uni); free(t->stamp);
     free(t->heap_s); free(t->heap_i); free(t->w); free(t->tmp); free(t->krow); free(t->dirty); free(t->k32); free(t->stat);
     free(t);
 }
@@ -73,7 +73,7 @@ size_t ice_attn_state_memory(const struct ice_attn_state * state) {
         const struct ice_thread * t = state->threads[i];
         if (!t) continue;
         b += sizeof *t + t->dci.cnt_cap + t->dci.cand_cap + t->dci.touched_cap + t->dci.qn_cap +
-             t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->qk_cap + t->bsc_cap + t->bcov_cap + t->bkey_cap + t->bqk_cap + t->q2_cap + t->bsp_cap + t->partial_cap + t->uni_cap + t->stamp_cap +
+             t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->qk_cap + t->bcov_cap + t->bkey_cap + t->bqk_cap + t->q2_cap + t->bsp_cap + t->partial_cap + t->uni_cap + t->stamp_cap +
              t->heap_s_cap + t->heap_i_cap + t->w_cap + t->tmp_cap + t->krow_cap + t->dirty_cap + t->k32_cap + t->stat_cap;
     }
     return b;
@@ -163,7 +163,7 @@ static enum ice_status prepare_head(struct ice_attn_state * st, struct ice_threa
     // stream has been unchanged since (except by writes this op saw)
     const bool persist = p->persistent && io->epoch_after != 0;
     const bool same = persist && h->epoch != 0 && h->epoch >= io->epoch_before && h->epoch < io->epoch_after &&
-                      h->indexed && h->B == B &&
+                      h->indexed && h->B == B && h->has_vsum == p->tail_estimate &&
                       h->kbase == kv.k && h->vbase == kv.v && h->d_k == dm->d_k && h->d_v == dm->d_v;
     const int64_t old_n_kv = same ? h->n_kv : 0;
     h->status = ICE_STATUS_NO_MEMORY;
@@ -179,11 +179,14 @@ static enum ice_status prepare_head(struct ice_attn_state * st, struct ice_threa
     }
     const int64_t nb = (n_kv + B - 1) / B;
     if (ICE_RESERVE(&h->bcount, &h->bcount_cap, nb, 1) || ICE_RESERVE(&h->bk, &h->bk_cap, nb * dm->d_k, 1) ||
-        ICE_RESERVE(&h->bv, &h->bv_cap, nb * dm->d_v, 1) || ICE_RESERVE(&h->bvar, &h->bvar_cap, nb * dm->d_k, 1) ||
-        ICE_RESERVE(&th->dirty, &th->dirty_cap, nb, 0)) {
+        (p->tail_estimate && ICE_RESERVE(&h->bv, &h->bv_cap, nb * dm->d_v, 1)) ||
+        ICE_RESERVE(&h->bvar, &h->bvar_cap, nb * dm->d_k, 1) || ICE_RESERVE(&th->dirty, &th->dirty_cap, nb, 0)) {
         h->indexed = false;
         return ICE_STATUS_NO_MEMORY;
     }
+    // value sums serve the tail estimate only: without it they are not kept (a third of the summaries)
+    if (!p->tail_estimate) { free(h->bv); h->bv = NULL; h->bv_cap = 0; }
+    h->has_vsum = p->tail_estimate;
     h->B = B; h->n_blocks = nb;
     if (same) {
         // the blocks of the written cells, and every block whose cell range moved with n_kv

@@ -36,7 +36,8 @@ struct ice_head {
     int32_t * bcount;   size_t bcount_cap;   // n_blocks: cells per block (B, or fewer for the last)
     float   * bk;       size_t bk_cap;       // n_blocks*d_k: sum of keys
     float   * bvar;     size_t bvar_cap;     // n_blocks*d_k: per-dimension variance of the block's keys
-    float   * bv;       size_t bv_cap;       // n_blocks*d_v: sum of values
+    float   * bv;       size_t bv_cap;       // n_blocks*d_v: sum of values (kept only for the tail estimate)
+    bool      has_vsum;                      // bv is up to date
 };
 
 // Per thread ith: grow-only scratch.
@@ -54,7 +55,6 @@ struct ice_thread {
     float   * q;        size_t q_cap;
     float   * sc;       size_t sc_cap;       // scores
     float   * qk;       size_t qk_cap;       // q.k of the union's points (reused by the tail)
-    float   * bsc;      size_t bsc_cap;      // coarse search: per-block scores
     int32_t * bcov;     size_t bcov_cap;     // coarse search: union cells per block (zero between rows)
     uint32_t * bkey;    size_t bkey_cap;     // coarse search: per-block scores as ordered keys, then scratch
     float   * bqk;      size_t bqk_cap;      // q . (key sum) per block, for this row and head

@@ -91,6 +91,21 @@ float ice_max(const float * x, int64_t n);
 int64_t ice_visible_f16(const uint16_t * m, int64_t j0, int64_t j1, int32_t * out);
 // dst[i] = f32(src[i]) for n contiguous halves
 void  ice_f16_row_to_f32(float * dst, const uint16_t * src, int64_t n);
+// Order-preserving map of a float to an unsigned key (larger value, larger key); -inf maps above 0,
+// so 0 can stand for "not eligible".
+static inline uint32_t ice_score_key(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+// Ranking keys of the coarse block search (tail.c), n blocks: for a block the row sees whole
+// (vis[b] == count[b] > 0) key[b] = ice_score_key(qk[b] / count[b] + 2 sqrt(q2var[b])), else 0; a score
+// that is -inf or NaN also gives 0. Returns the number of nonzero keys. Every variant computes the
+// score with the same correctly rounded operations, so the keys do not depend on the variant.
+int64_t ice_block_keys(const float * qk, const float * q2var, const int32_t * count, const int32_t * vis, int64_t n,
+        uint32_t * key);
+// Number of key[0..n) >= t.
+int64_t ice_count_ge_u32(const uint32_t * key, int64_t n, uint32_t t);
 
 // ---------------------------------------------------------------------------
 // Views.
