@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import UsageError
 
 
@@ -36,6 +38,14 @@ def check_fits(n_prompt: int, n_ctx: int) -> None:
                          "use a larger --ctx-size or a shorter prompt")
 
 
+def greedy_token(llm, llama_cpp) -> int:
+    """The most likely next token (the first, on ties), read straight from the last logits: what llama.cpp's
+    greedy sampler returns, without building a sampler chain per token (measured 0.4 ms a token here,
+    3% of a patched 8k decode step)."""
+    logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return int(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),)).argmax())
+
+
 def generate(llm, prompt: str, *, n_predict: int, temperature: float = 0.0, seed: int | None = None,
              on_text=None) -> GenerationResult:
     """Greedy (temperature 0) or sampled generation of up to n_predict tokens after `prompt`."""
@@ -62,7 +72,10 @@ def generate(llm, prompt: str, *, n_predict: int, temperature: float = 0.0, seed
         if len(tokens) + len(out) >= n_ctx:
             reason = "context"
             break
-        tok = llm.sample(temp=temperature, top_k=40, top_p=0.95, repeat_penalty=1.0)
+        if temperature == 0:
+            tok = greedy_token(llm, llama_cpp)
+        else:
+            tok = llm.sample(temp=temperature, top_k=40, top_p=0.95, repeat_penalty=1.0)
         if llama_cpp.llama_vocab_is_eog(vocab, tok):
             reason = "eos"
             break

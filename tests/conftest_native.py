@@ -98,9 +98,9 @@ def structured_keys(rng, n, d, rank=8, n_big=2):
 def block_search_reference(q, k, v, mask, scale, n_sel, B, sinks, window):
     """The coarse block search spelled out in float64 (tail estimate off, min_n_kv 0): per row and head,
     softmax over the first `sinks` and last `window` visible cells plus the visible cells of the n_sel
-    best blocks. A block seen whole scores q.mean + 2 sqrt(q^2 . var) over its keys, one the mask cuts
-    its best visible q.k; blocks with nothing visible or nothing outside the union are not chosen; ties
-    go to the lower block."""
+    best blocks. A block seen whole scores q.mean + 2 sqrt(q^2 . var) over its keys (mean and var rounded
+    to fp16), one the mask cuts its best visible q.k; blocks with nothing visible or nothing outside the
+    union are not chosen; ties go to the lower block."""
     S, H, T, _ = q.shape
     G, N = H // k.shape[1], k.shape[2]
     out = np.zeros((S, T, H, v.shape[-1]))
@@ -120,8 +120,10 @@ def block_search_reference(q, k, v, mask, scale, n_sel, B, sinks, window):
                     continue
                 if len(seen) == len(cells):
                     kb = kk[cells]
-                    var = ((kb - kb.mean(0)) ** 2).mean(0)
-                    score = kb.mean(0) @ qq + 2 * np.sqrt((qq * qq) @ var)
+                    # the kernel keeps the block's mean and variance in fp16 (its ranking rows)
+                    mean = kb.mean(0).astype(np.float16).astype(np.float64)
+                    var = ((kb - kb.mean(0)) ** 2).mean(0).astype(np.float16).astype(np.float64)
+                    score = mean @ qq + 2 * np.sqrt((qq * qq) @ var)
                 else:
                     score = (kk[seen] @ qq).max()
                 ranked.append((-score, b, seen.tolist()))

@@ -92,3 +92,23 @@ def test_drop_in_methods(builds, bundled_model):
     assert proc.returncode == 0, proc.stderr
     words = proc.stdout.split()
     assert words[0].startswith("Paris") and words[1:] == ["True", "assistant", "True", "True"], proc.stdout
+
+
+def test_greedy_generation_matches_llama_cpps_greedy_sampler(builds, bundled_model):
+    """generate() at temperature 0 reads the argmax straight from the logits; llama.cpp's own sampler
+    chain at temperature 0 must pick the same tokens."""
+    code = ("import iceformer_llama as il\n"
+            "from iceformer_llama.generate import generate\n"
+            "llm = il.Llama(None, n_ctx=256, attention='iceformer')\n"
+            "prompt = 'The three primary colours are'\n"
+            "fast = generate(llm, prompt, n_predict=24).text\n"
+            "toks = llm.tokenize(prompt.encode(), add_bos=True, special=False)\n"
+            "llm.reset(); llm.eval(toks); out = []\n"
+            "for _ in range(24):\n"
+            "    t = llm.sample(temp=0.0, top_k=40, top_p=0.95, repeat_penalty=1.0)\n"
+            "    out.append(t); llm.eval([t])\n"
+            "print(repr(fast)); print(repr(llm.detokenize(out).decode()))\n")
+    proc = run_py(code)
+    assert proc.returncode == 0, proc.stderr
+    fast, slow = proc.stdout.splitlines()
+    assert fast == slow and len(fast) > 10

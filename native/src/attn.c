@@ -41,7 +41,7 @@ enum ice_status ice_attn_state_set_params(struct ice_attn_state * state, const s
 
 static void head_free(struct ice_head * h) {
     if (!h) return;
-    free(h->bcount); free(h->bk); free(h->bv); free(h->bvar);
+    free(h->bcount); free(h->rmean); free(h->rvar); free(h->bk); free(h->bv);
     ice_dci_free(&h->dci);
     free(h);
 }
@@ -67,7 +67,7 @@ size_t ice_attn_state_memory(const struct ice_attn_state * state) {
     for (int i = 0; i < ICE_MAX_HEADS; i++) {
         const struct ice_head * h = state->heads[i];
         if (!h) continue;
-        b += sizeof *h + h->bcount_cap + h->bk_cap + h->bv_cap + h->bvar_cap + ice_dci_memory(&h->dci);
+        b += sizeof *h + h->bcount_cap + h->rmean_cap + h->rvar_cap + h->bk_cap + h->bv_cap + ice_dci_memory(&h->dci);
     }
     for (int i = 0; i < ICE_MAX_THREADS; i++) {
         const struct ice_thread * t = state->threads[i];
@@ -163,14 +163,14 @@ static enum ice_status prepare_head(struct ice_attn_state * st, struct ice_threa
     // stream has been unchanged since (except by writes this op saw)
     const bool persist = p->persistent && io->epoch_after != 0;
     const bool same = persist && h->epoch != 0 && h->epoch >= io->epoch_before && h->epoch < io->epoch_after &&
-                      h->indexed && h->B == B && h->has_vsum == p->tail_estimate &&
+                      h->indexed && h->B == B && h->has_sums == p->tail_estimate &&
                       h->kbase == kv.k && h->vbase == kv.v && h->d_k == dm->d_k && h->d_v == dm->d_v;
     const int64_t old_n_kv = same ? h->n_kv : 0;
     h->status = ICE_STATUS_NO_MEMORY;
     h->epoch = 0;
     h->kbase = kv.k; h->vbase = kv.v; h->mdata = io->mask.data;
     h->n_kv = n_kv; h->d_k = dm->d_k; h->d_v = dm->d_v;
-    if (ICE_RESERVE(&th->krow, &th->krow_cap, dm->d_k + dm->d_v, 0)) return ICE_STATUS_NO_MEMORY;
+    if (ICE_RESERVE(&th->krow, &th->krow_cap, 3 * dm->d_k, 0)) return ICE_STATUS_NO_MEMORY;
     const bool want = p->top_k > 0 || p->top_blocks > 0 || p->tail_estimate;
     if (!want) {
         h->indexed = false;
@@ -178,15 +178,16 @@ static enum ice_status prepare_head(struct ice_attn_state * st, struct ice_threa
         return ICE_STATUS_OK;
     }
     const int64_t nb = (n_kv + B - 1) / B;
-    if (ICE_RESERVE(&h->bcount, &h->bcount_cap, nb, 1) || ICE_RESERVE(&h->bk, &h->bk_cap, nb * dm->d_k, 1) ||
-        (p->tail_estimate && ICE_RESERVE(&h->bv, &h->bv_cap, nb * dm->d_v, 1)) ||
-        ICE_RESERVE(&h->bvar, &h->bvar_cap, nb * dm->d_k, 1) || ICE_RESERVE(&th->dirty, &th->dirty_cap, nb, 0)) {
+    if (ICE_RESERVE(&h->bcount, &h->bcount_cap, nb, 1) || ICE_RESERVE(&h->rmean, &h->rmean_cap, nb * dm->d_k, 1) ||
+        ICE_RESERVE(&h->rvar, &h->rvar_cap, nb * dm->d_k, 1) ||
+        (p->tail_estimate && (ICE_RESERVE(&h->bk, &h->bk_cap, nb * dm->d_k, 1) || ICE_RESERVE(&h->bv, &h->bv_cap, nb * dm->d_v, 1))) ||
+        ICE_RESERVE(&th->dirty, &th->dirty_cap, nb, 0)) {
         h->indexed = false;
         return ICE_STATUS_NO_MEMORY;
     }
-    // value sums serve the tail estimate only: without it they are not kept (a third of the summaries)
-    if (!p->tail_estimate) { free(h->bv); h->bv = NULL; h->bv_cap = 0; }
-    h->has_vsum = p->tail_estimate;
+    // exact sums serve the tail estimate only: without it they are not kept (two thirds of the bytes)
+    if (!p->tail_estimate) { free(h->bk); free(h->bv); h->bk = NULL; h->bv = NULL; h->bk_cap = h->bv_cap = 0; }
+    h->has_sums = p->tail_estimate;
     h->B = B; h->n_blocks = nb;
     if (same) {
         // the blocks of the written cells, and every block whose cell range moved with n_kv
@@ -376,7 +377,6 @@ static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread
         const int32_t c = (int32_t)heap.id[i];
         if (th->stamp[c] != gen) { th->stamp[c] = gen; th->uni[nu++] = c; }
     }
-    th->bqk_valid = 0;
     if (blocks) {
         const int64_t added = ice_block_select(h, &kv, th, p->top_blocks, q, th->uni, nu, gen, th->uni + nu);
         if (added < 0) return ICE_STATUS_NO_MEMORY;

@@ -38,7 +38,7 @@ static inline float ice_f16_to_f32(uint16_t h) {
     return f;
 }
 
-// f32 -> fp16, round to nearest even (used by tests through the C driver only).
+// f32 -> fp16, round to nearest even.
 static inline uint16_t ice_f32_to_f16(float f) {
     uint32_t x; memcpy(&x, &f, sizeof x);
     const uint32_t sign = (x >> 16) & 0x8000u;
@@ -60,6 +60,13 @@ static inline uint16_t ice_f32_to_f16(float f) {
     const uint32_t rem = ax & 0x1fffu;
     if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) r++;
     return (uint16_t)(sign | r);
+}
+
+// The same, saturating: finite values beyond fp16's range become +-65504, not infinities, so a block
+// summary of huge (f32-cache) keys still ranks instead of turning its score into inf - inf = NaN.
+static inline uint16_t ice_f32_to_f16_sat(float f) {
+    const uint16_t h = ice_f32_to_f16(f);
+    return (h & 0x7fffu) == 0x7c00u && f == f && f != INFINITY && f != -INFINITY ? (uint16_t)((h & 0x8000u) | 0x7bffu) : h;
 }
 
 // ---------------------------------------------------------------------------
@@ -99,7 +106,7 @@ static inline uint32_t ice_score_key(float f) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 // Ranking keys of the coarse block search (tail.c), n blocks: for a block the row sees whole
-// (vis[b] == count[b] > 0) key[b] = ice_score_key(qk[b] / count[b] + 2 sqrt(q2var[b])), else 0; a score
+// (vis[b] == count[b] > 0) key[b] = ice_score_key(qk[b] + 2 sqrt(q2var[b])), else 0; a score
 // that is -inf or NaN also gives 0. Returns the number of nonzero keys. Every variant computes the
 // score with the same correctly rounded operations, so the keys do not depend on the variant.
 int64_t ice_block_keys(const float * qk, const float * q2var, const int32_t * count, const int32_t * vis, int64_t n,

@@ -58,7 +58,7 @@ static int64_t visible_f16_scalar(const uint16_t * m, int64_t j0, int64_t j1, in
 
 static inline uint32_t block_key_scalar(float qk, float q2v, int32_t cnt, int32_t vis) {
     if (!(cnt > 0 && vis == cnt)) return 0u;
-    const float sc = qk / (float) cnt + 2.0f * sqrtf(q2v);
+    const float sc = qk + 2.0f * sqrtf(q2v);
     return sc > -INFINITY ? ice_score_key(sc) : 0u;   // NaN is not eligible either
 }
 
@@ -305,7 +305,7 @@ static int64_t block_keys_avx2(const float * qk, const float * q2v, const int32_
     for (; i + 8 <= n; i += 8) {
         const __m256i c = _mm256_loadu_si256((const __m256i *)(const void *)(cnt + i));
         const __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)(vis + i));
-        const __m256 sc = _mm256_add_ps(_mm256_div_ps(_mm256_loadu_ps(qk + i), _mm256_cvtepi32_ps(c)),
+        const __m256 sc = _mm256_add_ps(_mm256_loadu_ps(qk + i),
                                         _mm256_mul_ps(_mm256_set1_ps(2.0f), _mm256_sqrt_ps(_mm256_loadu_ps(q2v + i))));
         const __m256i ok = _mm256_and_si256(_mm256_and_si256(_mm256_cmpeq_epi32(c, v), _mm256_cmpgt_epi32(c, zero)),
                 _mm256_castps_si256(_mm256_cmp_ps(sc, _mm256_set1_ps(-INFINITY), _CMP_GT_OQ)));
@@ -340,7 +340,7 @@ static int64_t block_keys_avx512(const float * qk, const float * q2v, const int3
     int64_t i = 0, nok = 0;
     for (; i + 16 <= n; i += 16) {
         const __m512i c = _mm512_loadu_si512(cnt + i), v = _mm512_loadu_si512(vis + i);
-        const __m512 sc = _mm512_add_ps(_mm512_div_ps(_mm512_loadu_ps(qk + i), _mm512_cvtepi32_ps(c)),
+        const __m512 sc = _mm512_add_ps(_mm512_loadu_ps(qk + i),
                                         _mm512_mul_ps(_mm512_set1_ps(2.0f), _mm512_sqrt_ps(_mm512_loadu_ps(q2v + i))));
         const __mmask16 ok = _mm512_cmpeq_epi32_mask(c, v) & _mm512_cmpgt_epi32_mask(c, _mm512_setzero_si512()) &
                              _mm512_cmp_ps_mask(sc, _mm512_set1_ps(-INFINITY), _CMP_GT_OQ);

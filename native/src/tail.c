@@ -1,7 +1,7 @@
 // tail.c - block-summary estimate of the keys a row does not attend exactly.
 //
-// Block b holds the cells [b*B, (b+1)*B): their count, key sum, key variance and (while the tail
-// estimate is on) value sum.
+// Block b holds the cells [b*B, (b+1)*B): their count, mean key and key variance in fp16 (the ranking
+// rows of the block search) and, while the tail estimate is on, their key and value sums in f32.
 // For a row, the "rest" of a block is its visible points outside the exact union U. The rest
 // enters the softmax as one logit z_b = scale * q.mean_k_rest + log(n_rest) with value
 // mean_v_rest: n_rest * exp(scale q.mean_k) approximates the sum of the rest's exp(scores).
@@ -21,7 +21,7 @@ void ice_tail_init_tables(void) {
 void ice_tail_block(struct ice_head * h, const struct ice_kv * kv, int64_t b, float * krow) {
     const int64_t B = h->B, dk = h->d_k, dv = h->d_v;
     const int64_t c0 = b * B, c1 = (b + 1) * B < h->n_kv ? (b + 1) * B : h->n_kv;
-    float * sum = h->bk + b * dk, * var = h->bvar + b * dk, * vs = h->has_vsum ? h->bv + b * dv : NULL;
+    float * sum = krow + dk, * var = krow + 2 * dk, * vs = h->has_sums ? h->bv + b * dv : NULL;
     memset(sum, 0, (size_t)dk * sizeof(float));
     memset(var, 0, (size_t)dk * sizeof(float));
     if (vs) memset(vs, 0, (size_t)dv * sizeof(float));
@@ -41,7 +41,12 @@ void ice_tail_block(struct ice_head * h, const struct ice_kv * kv, int64_t b, fl
         else memcpy(krow, kp, (size_t)dk * sizeof(float));
         for (int64_t d = 0; d < dk; d++) { const float x = krow[d] - sum[d] * inv; var[d] += x * x; }
     }
-    for (int64_t d = 0; d < dk; d++) var[d] *= inv;
+    uint16_t * rmean = h->rmean + b * dk, * rvar = h->rvar + b * dk;
+    for (int64_t d = 0; d < dk; d++) {
+        rmean[d] = ice_f32_to_f16_sat(sum[d] * inv);
+        rvar[d] = ice_f32_to_f16_sat(var[d] * inv);
+    }
+    if (h->has_sums) memcpy(h->bk + b * dk, sum, (size_t)dk * sizeof(float));
 }
 
 // The k-th largest (1 <= k <= n) of key[0..n), found bit by bit from the top with counting passes
@@ -69,10 +74,9 @@ int64_t ice_block_select(const struct ice_head * h, const struct ice_kv * kv, st
         ICE_RESERVE(&th->bqk, &th->bqk_cap, nb + 1, 0) || ICE_RESERVE(&th->q2, &th->q2_cap, dk, 0) ||
         ICE_RESERVE(&th->bsp, &th->bsp_cap, nb + 1, 0)) return -1;
     for (int64_t d = 0; d < dk; d++) th->q2[d] = q[d] * q[d];
-    // every block's two dot products in two batched passes (the summaries are contiguous f32 rows)
-    ice_dots_rows(q, (const char *)h->bk, (size_t)dk * sizeof(float), ICE_TYPE_F32, NULL, nb, dk, th->bqk);
-    ice_dots_rows(th->q2, (const char *)h->bvar, (size_t)dk * sizeof(float), ICE_TYPE_F32, NULL, nb, dk, th->bsp);
-    th->bqk_valid = 1;
+    // every block's two dot products in two batched passes (the ranking rows are contiguous fp16 rows)
+    ice_dots_rows(q, (const char *)h->rmean, (size_t)dk * sizeof(uint16_t), ICE_TYPE_F16, NULL, nb, dk, th->bqk);
+    ice_dots_rows(th->q2, (const char *)h->rvar, (size_t)dk * sizeof(uint16_t), ICE_TYPE_F16, NULL, nb, dk, th->bsp);
     const int32_t * bcnt = th->vis_bcnt;
     // per block, its score as an ordered key, 0 where it cannot be chosen. The optimistic score of a fully
     // visible block is the mean key's score plus two standard deviations of q.k within the block, so a
@@ -137,11 +141,11 @@ int ice_tail_row(const struct ice_head * h, const struct ice_kv * kv, struct ice
     float * coef = th->w + 2 * nb;   // P_b / n_rest
     const uint32_t gen = th->gen;
     const int32_t * bcnt = th->vis_bcnt;
-    // the block search, when on, already computed q . (key sum) of every fully visible block for this row
-    if (!th->bqk_valid) ice_dots_rows(q, (const char *)h->bk, (size_t)dk * sizeof(float), ICE_TYPE_F32, NULL, nb, dk, qs);
+    // q . (key sum) from the exact f32 sums: the union's keys are subtracted from them below
+    ice_dots_rows(q, (const char *)h->bk, (size_t)dk * sizeof(float), ICE_TYPE_F32, NULL, nb, dk, qs);
     for (int64_t b = 0; b < nb; b++) {
         rest[b] = (float)bcnt[b];
-        qs[b] = (bcnt[b] > 0 && bcnt[b] == h->bcount[b]) ? (th->bqk_valid ? th->bqk[b] : qs[b]) : 0.0f;
+        if (!(bcnt[b] > 0 && bcnt[b] == h->bcount[b])) qs[b] = 0.0f;
     }
     for (int64_t i = 0; i < nu; i++) {
         const int64_t b = uni[i] / B;
