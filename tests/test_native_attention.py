@@ -152,8 +152,11 @@ def test_causality(search, tail):
 @pytest.mark.parametrize("search", ["exact", "dci", "blocks"])
 @pytest.mark.parametrize("tail", [False, True])
 @pytest.mark.parametrize("n_tok", [1, 48])
-def test_threads_bit_identical(search, tail, n_tok):
-    q, k, v, mask, scale = _data(3000, n_tok, 64, 3, "two_seq" if n_tok > 1 else "causal", "f16", seed=9)
+@pytest.mark.parametrize("gqa", [3, 8])
+def test_threads_bit_identical(search, tail, n_tok, gqa):
+    """Threads split a GQA group's heads differently (its block scores are computed once per thread for
+    the heads it answers, four queries per pass): the output must not change."""
+    q, k, v, mask, scale = _data(3000, n_tok, 64, gqa, "two_seq" if n_tok > 1 else "causal", "f16", seed=9)
     params = native.AttnParams.default(**{**dict(top_k=32, min_n_kv=200, exact_search=(search == "exact"),
                                                  tail_estimate=tail), **_BLOCKS.get(search, {})})
     out1 = native.attention(q, k, v, mask, scale, params, n_threads=1)
@@ -209,12 +212,13 @@ def test_bad_io_raises():
 
 @pytest.mark.parametrize("keys", ["structured", "tied"])
 @pytest.mark.parametrize("mk", ["causal", "two_seq"])
-def test_block_search_matches_reference(keys, mk):
+@pytest.mark.parametrize("n_tok,gqa", [(8, 3), (1, 8)])
+def test_block_search_matches_reference(keys, mk, n_tok, gqa):
     """Which blocks the coarse search attends: the n_sel best by score, ties to the lower block. "tied"
     makes most blocks exact copies of one block (equal scores in float32 and float64 alike) beside
     three strong ones, so the tie rule decides the rest of the selection."""
-    n_kv, n_tok, B, n_sel = 32 * 24 - 5, 8, 32, 6
-    q, k, v, mask, scale = _data(n_kv, n_tok, 64, 3, mk, "f32", seed=21, n_head_kv=2)
+    n_kv, B, n_sel = 32 * 24 - 5, 32, 6
+    q, k, v, mask, scale = _data(n_kv, n_tok, 64, gqa, mk, "f32", seed=21, n_head_kv=2)
     if keys == "tied":
         base = k[:, :, 32:64].copy()
         for b in range(1, n_kv // B):

@@ -49,7 +49,7 @@ static void head_free(struct ice_head * h) {
 static void thread_free(struct ice_thread * t) {
     if (!t) return;
     ice_dci_scratch_free(&t->dci);
-    free(t->vis); free(t->vis_bcnt); free(t->q); free(t->sc); free(t->qk); free(t->bcov); free(t->bkey); free(t->bqk); free(t->q2); free(t->bsp); free(t->partial); free(t->uni); free(t->stamp);
+    free(t->vis); free(t->vis_bcnt); free(t->q); free(t->sc); free(t->qk); free(t->bcov); free(t->bkey); free(t->gq); free(t->bqk); free(t->q2); free(t->bsp); free(t->partial); free(t->uni); free(t->stamp);
     free(t->heap_s); free(t->heap_i); free(t->w); free(t->tmp); free(t->krow); free(t->dirty); free(t->k32); free(t->stat);
     free(t);
 }
@@ -73,7 +73,7 @@ size_t ice_attn_state_memory(const struct ice_attn_state * state) {
         const struct ice_thread * t = state->threads[i];
         if (!t) continue;
         b += sizeof *t + t->dci.cnt_cap + t->dci.cand_cap + t->dci.touched_cap + t->dci.qn_cap +
-             t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->qk_cap + t->bcov_cap + t->bkey_cap + t->bqk_cap + t->q2_cap + t->bsp_cap + t->partial_cap + t->uni_cap + t->stamp_cap +
+             t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->qk_cap + t->bcov_cap + t->bkey_cap + t->gq_cap + t->bqk_cap + t->q2_cap + t->bsp_cap + t->partial_cap + t->uni_cap + t->stamp_cap +
              t->heap_s_cap + t->heap_i_cap + t->w_cap + t->tmp_cap + t->krow_cap + t->dirty_cap + t->k32_cap + t->stat_cap;
     }
     return b;
@@ -309,8 +309,27 @@ static void attend_cells(const struct ice_kv * kv, const int32_t * cells, int64_
     for (int64_t d = 0; d < dv; d++) o[d] *= inv;
 }
 
+// The block scores of row (s, t, hq): computed, when this thread has not yet scored it in this forward
+// call, for hq and the heads after it up to hq_last (the same GQA group's heads this thread answers
+// next for the same token), so the group reads its KV head's ranking rows once. NULL when out of memory.
+static const float * row_block_scores(struct ice_thread * th, const struct ice_head * h, const struct ice_attn_io * io,
+        const struct ice_dims * dm, int64_t s, int64_t t, int64_t hq, int64_t hq_last, const float ** bsp) {
+    const int64_t hk = hq / dm->gqa, nb = h->n_blocks;
+    if (!(th->run_gen == th->fwd_gen && th->run_s == s && th->run_t == t && th->run_hk == hk &&
+          hq >= th->run_h0 && hq <= th->run_h1)) {
+        const int64_t na = hq_last - hq + 1, dk = dm->d_k;
+        if (ICE_RESERVE(&th->gq, &th->gq_cap, na * dk, 0)) return NULL;
+        for (int64_t j = 0; j < na; j++) ice_view_load_row(&io->q, t, hq + j, s, th->gq + j * dk);
+        if (ice_block_scores(h, th, th->gq, na)) return NULL;
+        th->run_gen = th->fwd_gen; th->run_s = s; th->run_t = t; th->run_hk = hk; th->run_h0 = hq; th->run_h1 = hq_last;
+    }
+    const int64_t j = hq - th->run_h0;
+    *bsp = th->bsp + j * nb;
+    return th->bqk + j * nb;
+}
+
 static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread * th, const struct ice_attn_io * io,
-        const struct ice_dims * dm, int64_t s, int64_t t, int64_t hq) {
+        const struct ice_dims * dm, int64_t s, int64_t t, int64_t hq, int64_t hq_last) {
     const struct ice_attn_params * p = &st->p;
     const int64_t hk = hq / dm->gqa;
     const struct ice_head * h = head_of(st, dm, s, hk);
@@ -378,7 +397,10 @@ static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread
         if (th->stamp[c] != gen) { th->stamp[c] = gen; th->uni[nu++] = c; }
     }
     if (blocks) {
-        const int64_t added = ice_block_select(h, &kv, th, p->top_blocks, q, th->uni, nu, gen, th->uni + nu);
+        const float * bsp = NULL;
+        const float * bqk = row_block_scores(th, h, io, dm, s, t, hq, hq_last, &bsp);
+        if (!bqk) return ICE_STATUS_NO_MEMORY;
+        const int64_t added = ice_block_select(h, &kv, th, p->top_blocks, q, bqk, bsp, th->uni, nu, gen, th->uni + nu);
         if (added < 0) return ICE_STATUS_NO_MEMORY;
         nu += added;
     }
@@ -402,22 +424,26 @@ enum ice_status ice_attn_forward(struct ice_attn_state * st, const struct ice_at
     struct ice_thread * th = get_thread(st, ith);
     if (!th) return ICE_STATUS_NO_MEMORY;
     th->vis_mask = NULL;
+    th->fwd_gen++;
     const int64_t n_st = dm.n_stream * dm.n_tok;
     if (n_st >= nth) {
         // (stream, token) units round-robin, all heads of a unit on one thread
         for (int64_t u = ith; u < n_st; u += nth) {
             for (int64_t hq = 0; hq < dm.n_head; hq++) {
-                const enum ice_status r = forward_row(st, th, io, &dm, u / dm.n_tok, u % dm.n_tok, hq);
+                const int64_t last = (hq / dm.gqa + 1) * dm.gqa - 1;   // the group's last head
+                const enum ice_status r = forward_row(st, th, io, &dm, u / dm.n_tok, u % dm.n_tok, hq, last);
                 if (r != ICE_STATUS_OK) rc = r;
             }
         }
     } else {
-        // contiguous ranges of rows: consecutive query heads share a KV head (GQA), so the summaries
-        // and K/V blocks one head reads are still in cache for the next
-        const int64_t n_rows = n_st * dm.n_head;
-        for (int64_t r = ith * n_rows / nth; r < (ith + 1) * n_rows / nth; r++) {
-            const int64_t u = r / dm.n_head;
-            const enum ice_status e = forward_row(st, th, io, &dm, u / dm.n_tok, u % dm.n_tok, r % dm.n_head);
+        // contiguous ranges of rows: consecutive query heads share a KV head (GQA), so they share one
+        // read of its ranking rows, and the K/V blocks one head reads are still in cache for the next
+        const int64_t n_rows = n_st * dm.n_head, r1 = (ith + 1) * n_rows / nth;
+        for (int64_t r = ith * n_rows / nth; r < r1; r++) {
+            const int64_t u = r / dm.n_head, hq = r % dm.n_head;
+            const int64_t group_end = r + ((hq / dm.gqa + 1) * dm.gqa - 1 - hq);   // row of the group's last head
+            const int64_t last = hq + ((group_end < r1 ? group_end : r1 - 1) - r);
+            const enum ice_status e = forward_row(st, th, io, &dm, u / dm.n_tok, u % dm.n_tok, hq, last);
             if (e != ICE_STATUS_OK) rc = e;
         }
     }

@@ -61,9 +61,14 @@ struct ice_thread {
     float   * qk;       size_t qk_cap;       // q.k of the union's points (reused by the tail)
     int32_t * bcov;     size_t bcov_cap;     // coarse search: union cells per block (zero between rows)
     uint32_t * bkey;    size_t bkey_cap;     // coarse search: per-block scores as ordered keys, then scratch
-    float   * bqk;      size_t bqk_cap;      // q . mean key per block, for this row and head
-    float   * q2;       size_t q2_cap;       // q squared elementwise (spread term of block scores)
-    float   * bsp;      size_t bsp_cap;      // coarse search: q2 . (key variance) per block
+    // block scores of a run of query heads of one GQA group (ice_block_scores), for rows (run_s, run_t)
+    // and heads run_h0..run_h1 of KV head run_hk, valid while run_gen == fwd_gen
+    float   * gq;       size_t gq_cap;       // the run's query rows
+    float   * bqk;      size_t bqk_cap;      // q . mean key per block and head of the run
+    float   * q2;       size_t q2_cap;       // the run's query rows squared elementwise (spread term)
+    float   * bsp;      size_t bsp_cap;      // q2 . (key variance) per block and head of the run
+    uint64_t  fwd_gen, run_gen;              // forward calls on this thread; the call the run was scored in
+    int64_t   run_s, run_t, run_hk, run_h0, run_h1;
     int32_t * uni;      size_t uni_cap;      // union of attended cells
     uint32_t * stamp;   size_t stamp_cap;    // per cell: == gen when in the union
     uint32_t  gen;
@@ -150,9 +155,15 @@ void ice_tail_block(struct ice_head * hd, const struct ice_kv * kv, int64_t b, f
 // Coarse search: among the blocks with cells visible to the row (th->vis_bcnt) and not already covered
 // by the union so far (uni: nu cells, stamped `gen`), picks the n_sel with the largest optimistic score
 // and appends their visible cells not yet stamped to out, in cell order. Returns the number appended,
-// -1 when out of memory. out must hold n_sel * block_size cells.
+// -1 when out of memory. out must hold n_sel * block_size cells. bqk, bsp: this row's block scores
+// (ice_block_scores).
 int64_t ice_block_select(const struct ice_head * hd, const struct ice_kv * kv, struct ice_thread * th, int32_t n_sel,
-        const float * q, const int32_t * uni, int64_t nu, uint32_t gen, int32_t * out);
+        const float * q, const float * bqk, const float * bsp, const int32_t * uni, int64_t nu, uint32_t gen,
+        int32_t * out);
+// The two ranking dot products of every block (q . mean key into th->bqk, q^2 . variance into th->bsp,
+// na*n_blocks floats each, query j's at j*n_blocks) for the na query rows q (na*d_k floats) of one KV
+// head: the query heads of a GQA group share one read of the ranking rows. 0, or -1 when out of memory.
+int ice_block_scores(const struct ice_head * hd, struct ice_thread * th, const float * q, int64_t na);
 // Adds the estimate of the visible points outside the union to a row: given the union
 // `uni` (n_uni cells) with scores sc (scale*q.k + mask, already computed), writes per-union
 // weights and the output. Returns 0 on success.

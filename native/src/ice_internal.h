@@ -88,6 +88,11 @@ void  ice_dots_rows(const float * a, const char * base, size_t stride, enum ice_
         int64_t cnt, int64_t n, float * out);
 void  ice_axpys_rows(float * y, const float * w, const char * base, size_t stride, enum ice_type t,
         const int32_t * idx, int64_t cnt, int64_t n);
+// na queries (a: na*n floats, query j at a + j*n) against cnt contiguous rows:
+//   out[j*cnt + i] = a_j . row(i)      (out: na*cnt floats)
+// Each row is read once for all queries; query j's results do not depend on na.
+void  ice_dots_rows_multi(const float * a, int64_t na, const char * base, size_t stride, enum ice_type t,
+        int64_t cnt, int64_t n, float * out);
 // Softmax numerators: x[i] = exp(x[i] - mx) for i < n, returns their sum. The vector variants use a
 // polynomial (relative error about 1e-7 against expf); arguments below -87.3 give 0.
 float ice_exp_sum(float * x, int64_t n, float mx);

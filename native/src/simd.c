@@ -551,6 +551,50 @@ static void axpys_rows_avx512(float * y, const float * w, const char * base, siz
     else if (n == 128) axpys_rows_avx512_n(y, w, base, stride, t, idx, cnt, 8);
     else axpys_rows_avx512_n(y, w, base, stride, t, idx, cnt, n / 16);
 }
+
+// Up to four queries against the same contiguous rows, four rows at a time: each row is loaded and
+// converted once for all queries. A query's dot products take the same operations whichever queries
+// share the pass (and the last rows are padded with a zero row, not taken by another path), so a
+// result never depends on how the caller groups its queries.
+__attribute__((target("avx512f"), always_inline))
+static inline void dots_multi_avx512_n(const float * a, int64_t na, const char * base, size_t stride,
+        enum ice_type t, int64_t cnt, int64_t nc, float * out, int64_t ostride) {
+    static const float zero_row[256] = { 0 };   // f16 zero and f32 zero are both all-zero bits
+    for (int64_t i = 0; i < cnt; i += 4) {
+        const char * rp[4];
+        for (int r = 0; r < 4; r++) rp[r] = i + r < cnt ? base + (size_t)(i + r) * stride : (const char *)zero_row;
+        __m512 acc[4][4];
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) for (int r = 0; r < 4; r++) acc[j][r] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+        for (int64_t c = 0; c < nc; c++) {
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                const __m512 x = load16(rp[r], t, 16 * c);
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++) if (j < na) acc[j][r] = _mm512_fmadd_ps(_mm512_loadu_ps(a + j * 16 * nc + 16 * c), x, acc[j][r]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) {
+            if (j >= na) break;
+            const __m256 t0 = _mm256_hadd_ps(half_sum(acc[j][0]), half_sum(acc[j][1]));
+            const __m256 t1 = _mm256_hadd_ps(half_sum(acc[j][2]), half_sum(acc[j][3]));
+            const __m256 u = _mm256_hadd_ps(t0, t1);   // lanes 0-3: rows 0-3 (low halves), 4-7: high halves
+            float s[4];
+            _mm_storeu_ps(s, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+            for (int r = 0; r < 4 && i + r < cnt; r++) out[j * ostride + i + r] = s[r];
+        }
+    }
+}
+
+__attribute__((target("avx512f")))
+static void dots_multi_avx512(const float * a, int64_t na, const char * base, size_t stride, enum ice_type t,
+        int64_t cnt, int64_t n, float * out, int64_t ostride) {
+    if (n == 64) dots_multi_avx512_n(a, na, base, stride, t, cnt, 4, out, ostride);
+    else if (n == 128) dots_multi_avx512_n(a, na, base, stride, t, cnt, 8, out, ostride);
+    else dots_multi_avx512_n(a, na, base, stride, t, cnt, n / 16, out, ostride);
+}
 #endif
 
 // ---- dispatch ----------------------------------------------------------------
@@ -661,6 +705,17 @@ void ice_dots_rows(const float * a, const char * base, size_t stride, enum ice_t
     if (batched_avx2(n)) { dots_rows_avx2(a, base, stride, t, idx, cnt, n, out); return; }
 #endif
     dots_rows_generic(a, base, stride, t, idx, cnt, n, out);
+}
+
+void ice_dots_rows_multi(const float * a, int64_t na, const char * base, size_t stride, enum ice_type t,
+        int64_t cnt, int64_t n, float * out) {
+    for (int64_t j0 = 0; j0 < na; j0 += 4) {
+        const int64_t m = na - j0 < 4 ? na - j0 : 4;
+#ifdef ICE_X86_DISPATCH
+        if (batched_avx512(n)) { dots_multi_avx512(a + j0 * n, m, base, stride, t, cnt, n, out + j0 * cnt, cnt); continue; }
+#endif
+        for (int64_t j = j0; j < j0 + m; j++) ice_dots_rows(a + j * n, base, stride, t, NULL, cnt, n, out + j * cnt);
+    }
 }
 
 void ice_axpys_rows(float * y, const float * w, const char * base, size_t stride, enum ice_type t,

@@ -67,23 +67,29 @@ static uint32_t kth_largest_key(const uint32_t * key, int64_t n, int64_t k, uint
     return t;
 }
 
+int ice_block_scores(const struct ice_head * h, struct ice_thread * th, const float * q, int64_t na) {
+    const int64_t nb = h->n_blocks, dk = h->d_k;
+    if (ICE_RESERVE(&th->bqk, &th->bqk_cap, na * nb + 1, 0) || ICE_RESERVE(&th->bsp, &th->bsp_cap, na * nb + 1, 0) ||
+        ICE_RESERVE(&th->q2, &th->q2_cap, na * dk, 0)) return -1;
+    for (int64_t i = 0; i < na * dk; i++) th->q2[i] = q[i] * q[i];
+    // two passes over the contiguous fp16 ranking rows, each row read once for all na queries
+    ice_dots_rows_multi(q, na, (const char *)h->rmean, (size_t)dk * sizeof(uint16_t), ICE_TYPE_F16, nb, dk, th->bqk);
+    ice_dots_rows_multi(th->q2, na, (const char *)h->rvar, (size_t)dk * sizeof(uint16_t), ICE_TYPE_F16, nb, dk, th->bsp);
+    return 0;
+}
+
 int64_t ice_block_select(const struct ice_head * h, const struct ice_kv * kv, struct ice_thread * th, int32_t n_sel,
-        const float * q, const int32_t * uni, int64_t nu, uint32_t gen, int32_t * out) {
-    const int64_t nb = h->n_blocks, dk = h->d_k, B = h->B;
-    if (ICE_RESERVE(&th->bcov, &th->bcov_cap, nb + 1, 2) || ICE_RESERVE(&th->bkey, &th->bkey_cap, 2 * (nb + 1), 0) ||
-        ICE_RESERVE(&th->bqk, &th->bqk_cap, nb + 1, 0) || ICE_RESERVE(&th->q2, &th->q2_cap, dk, 0) ||
-        ICE_RESERVE(&th->bsp, &th->bsp_cap, nb + 1, 0)) return -1;
-    for (int64_t d = 0; d < dk; d++) th->q2[d] = q[d] * q[d];
-    // every block's two dot products in two batched passes (the ranking rows are contiguous fp16 rows)
-    ice_dots_rows(q, (const char *)h->rmean, (size_t)dk * sizeof(uint16_t), ICE_TYPE_F16, NULL, nb, dk, th->bqk);
-    ice_dots_rows(th->q2, (const char *)h->rvar, (size_t)dk * sizeof(uint16_t), ICE_TYPE_F16, NULL, nb, dk, th->bsp);
+        const float * q, const float * bqk, const float * bsp, const int32_t * uni, int64_t nu, uint32_t gen,
+        int32_t * out) {
+    const int64_t nb = h->n_blocks, B = h->B;
+    if (ICE_RESERVE(&th->bcov, &th->bcov_cap, nb + 1, 2) || ICE_RESERVE(&th->bkey, &th->bkey_cap, 2 * (nb + 1), 0)) return -1;
     const int32_t * bcnt = th->vis_bcnt;
     // per block, its score as an ordered key, 0 where it cannot be chosen. The optimistic score of a fully
     // visible block is the mean key's score plus two standard deviations of q.k within the block, so a
     // spread-out block that may hold one strong key is not ranked below a tight one (measured: +0.4 to
     // +1.4 points of top-1 agreement at equal cost on the bundled model)
     uint32_t * key = th->bkey;
-    int64_t n_ok = ice_block_keys(th->bqk, th->bsp, h->bcount, bcnt, nb, key);
+    int64_t n_ok = ice_block_keys(bqk, bsp, h->bcount, bcnt, nb, key);
     // a block the mask cuts is ranked by its best visible key, never by keys the row may not see
     for (int64_t j = 0; j < th->n_partial; j++) {
         const int32_t b = th->partial[j];
