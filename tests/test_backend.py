@@ -32,7 +32,7 @@ def test_patched_is_the_default_and_exposes_the_iceformer_api(builds, bundled_mo
             "print(llm.attention_params()['mode'])\n")
     proc = run_py(code)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["patched", "iceformer", "48", "[0]", "dense"]
+    assert proc.stdout.split() == ["patched", "iceformer", "48", "[]", "dense"]
 
 
 def test_switching_backend_after_loading_is_refused(builds, bundled_model):

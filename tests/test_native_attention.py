@@ -155,16 +155,33 @@ def test_causality(search, tail):
 @pytest.mark.parametrize("gqa", [3, 8])
 def test_threads_bit_identical(search, tail, n_tok, gqa):
     """Threads split a GQA group's heads differently (its block scores are computed once per thread for
-    the heads it answers, four queries per pass): the output must not change."""
+    the heads it answers, four queries per pass), and with one token a row's two halves may go to two
+    threads (5 threads over 12 or 32 half-rows split rows at every odd boundary; 40 threads leave some
+    idle): the output must not change."""
     q, k, v, mask, scale = _data(3000, n_tok, 64, gqa, "two_seq" if n_tok > 1 else "causal", "f16", seed=9)
     params = native.AttnParams.default(**{**dict(top_k=32, min_n_kv=200, exact_search=(search == "exact"),
                                                  tail_estimate=tail), **_BLOCKS.get(search, {})})
     out1 = native.attention(q, k, v, mask, scale, params, n_threads=1)
-    out3 = native.attention(q, k, v, mask, scale, params, n_threads=3)
-    assert np.array_equal(out1, out3)
+    for nth in (3, 5, 40):
+        assert np.array_equal(out1, native.attention(q, k, v, mask, scale, params, n_threads=nth)), nth
     d1 = native.attention(q, k, v, mask, scale, mode="dense", n_threads=1)
     d3 = native.attention(q, k, v, mask, scale, mode="dense", n_threads=3)
     assert np.array_equal(d1, d3)
+
+
+@pytest.mark.parametrize("n_threads", [2, 4])
+def test_split_rows_on_real_threads(n_threads):
+    """Decode rows of the bundled model's shape (9 query heads over 3 KV heads) on concurrent threads:
+    rows split between two threads are joined by whichever finishes second; every repeat must give the
+    single-thread output bit for bit."""
+    q, k, v, mask, scale = _data(2000, 1, 64, 3, "causal", "f16", seed=12, n_head_kv=3)
+    params = native.AttnParams.default(top_k=0, top_blocks=16, block_size=16, window=32, min_n_kv=0)
+    ref = native.attention(q, k, v, mask, scale, params, n_threads=1)
+    assert np.abs(ref).sum() > 0
+    with native.AttentionState(params) as st:
+        for _ in range(30):
+            out = native.attention(q, k, v, mask, scale, state=st, n_threads=n_threads, concurrent=True)
+            assert np.array_equal(out, ref)
 
 
 def test_state_reuse_across_calls():

@@ -5,7 +5,9 @@
 // when the caller's cache versions say nothing but this op's writes changed the stream since the
 // state's last update, recomputed only for the blocks of the cells this evaluation writes. Keys and values are always read in place (f16).
 // forward: rows (stream, token, head) are split over threads; every row is computed the
-// same way whatever thread runs it, so the output does not depend on nth.
+// same way whatever thread runs it, so the output does not depend on nth. A row's attended cells are
+// taken in two halves merged at the end, always; with fewer rows than twice the threads (decoding) a
+// row's halves may run on two threads, so that nine heads keep two threads equally busy.
 
 #include "attn_internal.h"
 
@@ -51,6 +53,7 @@ static void thread_free(struct ice_thread * t) {
     ice_dci_scratch_free(&t->dci);
     free(t->vis); free(t->vis_bcnt); free(t->q); free(t->sc); free(t->qk); free(t->bcov); free(t->bkey); free(t->gq); free(t->bqk); free(t->q2); free(t->bsp); free(t->partial); free(t->uni); free(t->stamp);
     free(t->heap_s); free(t->heap_i); free(t->w); free(t->tmp); free(t->krow); free(t->dirty); free(t->k32); free(t->stat);
+    for (int i = 0; i < 4; i++) free(t->half[i].o);
     free(t);
 }
 
@@ -75,6 +78,7 @@ size_t ice_attn_state_memory(const struct ice_attn_state * state) {
         b += sizeof *t + t->dci.cnt_cap + t->dci.cand_cap + t->dci.touched_cap + t->dci.qn_cap +
              t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->qk_cap + t->bcov_cap + t->bkey_cap + t->gq_cap + t->bqk_cap + t->q2_cap + t->bsp_cap + t->partial_cap + t->uni_cap + t->stamp_cap +
              t->heap_s_cap + t->heap_i_cap + t->w_cap + t->tmp_cap + t->krow_cap + t->dirty_cap + t->k32_cap + t->stat_cap;
+        for (int j = 0; j < 4; j++) b += t->half[j].o_cap;
     }
     return b;
 }
@@ -298,15 +302,56 @@ void ice_kv_axpys_transposed(const struct ice_kv * kv, float * o, const float * 
     }
 }
 
-// softmax over sc[0..n) of cells, output into o (d_v), zero when n == 0
-static void attend_cells(const struct ice_kv * kv, const int32_t * cells, int64_t n, float * sc, float * o) {
-    const int64_t dv = kv->d_v;
-    memset(o, 0, (size_t)dv * sizeof(float));
-    if (n == 0) return;
-    const float sum = ice_exp_sum(sc, n, ice_max(sc, n));
-    ice_kv_axpys(kv, o, sc, cells, n);
-    const float inv = 1.0f / sum;
-    for (int64_t d = 0; d < dv; d++) o[d] *= inv;
+enum { ICE_HALF_0 = 1, ICE_HALF_1 = 2, ICE_HALVES = 3 };
+
+// Half `which` of the softmax over a row's n cells (the first n/2, or the rest) into hf: dot products,
+// scores (scale * q.k + mask) in sc[lo..hi), their max and exp-sum, and the unnormalised output.
+static enum ice_status attend_half(const struct ice_kv * kv, const struct ice_attn_io * io, const void * mrow,
+        const float * q, const int32_t * cells, int64_t n, int which, float * sc, struct ice_half * hf) {
+    const int64_t lo = which ? n / 2 : 0, hi = which ? n : n / 2, dv = kv->d_v;
+    if (ICE_RESERVE(&hf->o, &hf->o_cap, dv, 0)) return hf->status = ICE_STATUS_NO_MEMORY;
+    memset(hf->o, 0, (size_t)dv * sizeof(float));
+    ice_kv_dots(kv, q, cells + lo, hi - lo, sc + lo);
+    for (int64_t i = lo; i < hi; i++) sc[i] = io->scale * sc[i] + ice_mask_value(io->mask.type, mrow, cells[i]);
+    hf->m = ice_max(sc + lo, hi - lo);
+    hf->s = 0.0f;
+    if (hi > lo) {
+        hf->s = ice_exp_sum(sc + lo, hi - lo, hf->m);
+        ice_kv_axpys(kv, hf->o, sc + lo, cells + lo, hi - lo);
+    }
+    return hf->status = ICE_STATUS_OK;
+}
+
+// o = the softmax-weighted output of a row from its two halves (zero when neither attends anything)
+static enum ice_status merge_halves(const struct ice_half * a, const struct ice_half * b, float * o, int64_t dv) {
+    const enum ice_status rc = a->status != ICE_STATUS_OK ? a->status : b->status;
+    const float m = a->m > b->m ? a->m : b->m;
+    const float ea = a->s > 0.0f ? expf(a->m - m) : 0.0f, eb = b->s > 0.0f ? expf(b->m - m) : 0.0f;
+    const float sum = a->s * ea + b->s * eb;
+    if (rc != ICE_STATUS_OK || !(sum > 0.0f)) { memset(o, 0, (size_t)dv * sizeof(float)); return rc; }
+    const float wa = ea / sum, wb = eb / sum;
+    for (int64_t d = 0; d < dv; d++) o[d] = a->o[d] * wa + b->o[d] * wb;
+    return ICE_STATUS_OK;
+}
+
+// Joins a row split between two threads: the first to arrive leaves its half in the slot, the second
+// merges both (halves in their fixed order, so the result is the same whichever thread merges).
+static enum ice_status join_halves(struct ice_attn_state * st, int64_t slot, struct ice_half * mine, int which,
+        float * o, int64_t dv) {
+    struct ice_half * other = __atomic_exchange_n(&st->join[slot], mine, __ATOMIC_ACQ_REL);
+    if (!other) return mine->status;   // the other thread merges
+    __atomic_store_n(&st->join[slot], (struct ice_half *)NULL, __ATOMIC_RELAXED);
+    return which ? merge_halves(other, mine, o, dv) : merge_halves(mine, other, o, dv);
+}
+
+// The result of a row that failed: zeros written, or, for one half of a split row, a failed half.
+static enum ice_status row_failed(struct ice_thread * th, float * o, int64_t dv, int parts, enum ice_status rc,
+        struct ice_half ** pending) {
+    if (parts == ICE_HALVES) { memset(o, 0, (size_t)dv * sizeof(float)); return rc; }
+    struct ice_half * hf = &th->half[parts == ICE_HALF_0 ? 0 : 1];
+    hf->status = rc;
+    *pending = hf;
+    return rc;
 }
 
 // The block scores of row (s, t, hq): computed, when this thread has not yet scored it in this forward
@@ -328,21 +373,13 @@ static const float * row_block_scores(struct ice_thread * th, const struct ice_h
     return th->bqk + j * nb;
 }
 
-static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread * th, const struct ice_attn_io * io,
-        const struct ice_dims * dm, int64_t s, int64_t t, int64_t hq, int64_t hq_last) {
+// The cells row (s, t, hq) attends: th->cells[0..th->n_cells), its visible cells (dense rows) or the
+// union of sinks, window, k-NN top-k and chosen blocks (th->uni); the query row in th->q, and th->sc
+// room for one score per cell.
+static enum ice_status row_cells(struct ice_attn_state * st, struct ice_thread * th, const struct ice_attn_io * io,
+        const struct ice_dims * dm, const struct ice_head * h, const struct ice_kv * kv, int64_t s, int64_t t,
+        int64_t hq, int64_t hq_last, int tail) {
     const struct ice_attn_params * p = &st->p;
-    const int64_t hk = hq / dm->gqa;
-    const struct ice_head * h = head_of(st, dm, s, hk);
-    float * o = ice_out_row(io, s, t, hq);
-    struct ice_kv kv;
-    ice_kv_of(&kv, io, hk, s);
-    if (!h || h->kbase != kv.k || h->vbase != kv.v || h->mdata != io->mask.data ||
-        h->n_kv != dm->n_kv || h->d_k != dm->d_k || h->d_v != dm->d_v) {
-        memset(o, 0, (size_t)dm->d_v * sizeof(float));
-        return ICE_STATUS_INVALID_ARG;   // prepare was not run for this io
-    }
-    if (h->status != ICE_STATUS_OK) { memset(o, 0, (size_t)dm->d_v * sizeof(float)); return h->status; }
-    const int tail = p->tail_estimate && h->indexed;
     const int blocks = p->top_blocks > 0 && h->indexed;
     const int64_t B = h->indexed ? h->B : p->block_size;
     if (row_visible(th, io, dm->n_kv, s, t, B, h->bcount, tail || blocks)) return ICE_STATUS_NO_MEMORY;
@@ -351,15 +388,12 @@ static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread
     if (ICE_RESERVE(&th->q, &th->q_cap, dk, 0) || ICE_RESERVE(&th->sc, &th->sc_cap, dm->n_kv + 1, 0)) return ICE_STATUS_NO_MEMORY;
     float * q = th->q;
     ice_view_load_row(&io->q, t, hq, s, q);
-    const int64_t n_union = (int64_t)p->top_k + p->n_sinks + p->window + (int64_t)p->top_blocks * B;
     if (!h->indexed || nv < p->min_n_kv || nv <= (int64_t)p->n_sinks + p->window) {
-        // dense over the visible cells
-        ice_kv_dots(&kv, q, th->vis, nv, th->sc);
-        for (int64_t i = 0; i < nv; i++) th->sc[i] = io->scale * th->sc[i] + ice_mask_value(io->mask.type, mrow, th->vis[i]);
-        attend_cells(&kv, th->vis, nv, th->sc, o);
+        th->cells = th->vis; th->n_cells = nv;   // dense over the visible cells
         return ICE_STATUS_OK;
     }
     // union of sinks, window and top-k, de-duplicated with per-cell stamps
+    const int64_t n_union = (int64_t)p->top_k + p->n_sinks + p->window + (int64_t)p->top_blocks * B;
     if (ICE_RESERVE(&th->uni, &th->uni_cap, n_union, 0) ||
         ICE_RESERVE(&th->stamp, &th->stamp_cap, dm->n_kv, 2) ||
         ICE_RESERVE(&th->heap_s, &th->heap_s_cap, p->top_k, 0) ||
@@ -382,11 +416,11 @@ static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread
     if (p->top_k == 0) {
         // no k-NN search: the coarse block search below chooses the exact keys
     } else if (p->exact_search) {
-        ice_kv_dots(&kv, q, th->vis, nv, th->sc);
+        ice_kv_dots(kv, q, th->vis, nv, th->sc);
         for (int64_t i = 0; i < nv; i++) ice_topk_push(&heap, th->sc[i], th->vis[i]);
     } else {
         struct vis_ctx vc = { mrow, io->mask.type };
-        const struct ice_rows rows = { kv.k, kv.kt, kv.k_nb1 };
+        const struct ice_rows rows = { kv->k, kv->kt, kv->k_nb1 };
         const int32_t vb = p->visit_budget > 0 ? p->visit_budget : ice_dci_auto_visit(p->top_k, p->n_simple, h->dci.n);
         const int32_t rb = p->retrieve_budget > 0 ? p->retrieve_budget : ice_dci_auto_retrieve(p->top_k, h->dci.n);
         if (ice_dci_search(&h->dci, &rows, q, vb, rb, cell_visible, &vc, &th->dci, &heap)) return ICE_STATUS_NO_MEMORY;
@@ -400,19 +434,66 @@ static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread
         const float * bsp = NULL;
         const float * bqk = row_block_scores(th, h, io, dm, s, t, hq, hq_last, &bsp);
         if (!bqk) return ICE_STATUS_NO_MEMORY;
-        const int64_t added = ice_block_select(h, &kv, th, p->top_blocks, q, bqk, bsp, th->uni, nu, gen, th->uni + nu);
+        const int64_t added = ice_block_select(h, kv, th, p->top_blocks, q, bqk, bsp, th->uni, nu, gen, th->uni + nu);
         if (added < 0) return ICE_STATUS_NO_MEMORY;
         nu += added;
     }
-    if (ICE_RESERVE(&th->qk, &th->qk_cap, nu + 1, 0)) return ICE_STATUS_NO_MEMORY;
-    ice_kv_dots(&kv, q, th->uni, nu, th->qk);
-    for (int64_t i = 0; i < nu; i++) th->sc[i] = io->scale * th->qk[i] + ice_mask_value(io->mask.type, mrow, th->uni[i]);
+    if (tail && ICE_RESERVE(&th->qk, &th->qk_cap, nu + 1, 0)) return ICE_STATUS_NO_MEMORY;
+    th->cells = th->uni; th->n_cells = nu;
+    return ICE_STATUS_OK;
+}
+
+// Row (s, t, hq): `parts` says which halves of its cells this call computes. With ICE_HALVES the
+// output is written; with one half, the half is left in th->half[0 or 1] and *pending points at it for
+// join_halves (NULL when there is nothing to join: a tail-estimate row is computed whole by the owner of
+// its first half).
+static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread * th, const struct ice_attn_io * io,
+        const struct ice_dims * dm, int64_t s, int64_t t, int64_t hq, int64_t hq_last, int parts,
+        struct ice_half ** pending) {
+    const struct ice_attn_params * p = &st->p;
+    const int64_t hk = hq / dm->gqa;
+    const struct ice_head * h = head_of(st, dm, s, hk);
+    float * o = ice_out_row(io, s, t, hq);
+    *pending = NULL;
+    struct ice_kv kv;
+    ice_kv_of(&kv, io, hk, s);
+    if (!h || h->kbase != kv.k || h->vbase != kv.v || h->mdata != io->mask.data ||
+        h->n_kv != dm->n_kv || h->d_k != dm->d_k || h->d_v != dm->d_v) {
+        return row_failed(th, o, dm->d_v, parts, ICE_STATUS_INVALID_ARG, pending);   // prepare was not run for this io
+    }
+    if (h->status != ICE_STATUS_OK) return row_failed(th, o, dm->d_v, parts, h->status, pending);
+    const int tail = p->tail_estimate && h->indexed;
     if (tail) {
-        if (ice_tail_row(h, &kv, th, io->scale, q, th->uni, nu, th->sc, o)) return ICE_STATUS_NO_MEMORY;
+        if (!(parts & ICE_HALF_0)) return ICE_STATUS_OK;   // the first half's owner computes it whole
+        parts = ICE_HALVES;
+    }
+    const enum ice_status rc = row_cells(st, th, io, dm, h, &kv, s, t, hq, hq_last, tail);
+    if (rc != ICE_STATUS_OK) return row_failed(th, o, dm->d_v, parts, rc, pending);
+    const void * mrow = ice_mask_row(io, t, s);
+    if (tail && th->cells == th->uni) {
+        // the union's scores and q.k (kept in th->qk for the estimate), then the estimate
+        ice_kv_dots(&kv, th->q, th->uni, th->n_cells, th->qk);
+        for (int64_t i = 0; i < th->n_cells; i++) th->sc[i] = io->scale * th->qk[i] + ice_mask_value(io->mask.type, mrow, th->uni[i]);
+        if (ice_tail_row(h, &kv, th, io->scale, th->q, th->uni, th->n_cells, th->sc, o)) {
+            memset(o, 0, (size_t)dm->d_v * sizeof(float));
+            return ICE_STATUS_NO_MEMORY;
+        }
         return ICE_STATUS_OK;
     }
-    attend_cells(&kv, th->uni, nu, th->sc, o);
-    return ICE_STATUS_OK;
+    if (parts == ICE_HALVES) {
+        attend_half(&kv, io, mrow, th->q, th->cells, th->n_cells, 0, th->sc, &th->half[2]);
+        attend_half(&kv, io, mrow, th->q, th->cells, th->n_cells, 1, th->sc, &th->half[3]);
+        return merge_halves(&th->half[2], &th->half[3], o, dm->d_v);
+    }
+    const int which = parts == ICE_HALF_1;
+    *pending = &th->half[which];
+    return attend_half(&kv, io, mrow, th->q, th->cells, th->n_cells, which, th->sc, *pending);
+}
+
+// The thread that owns unit u when 2*n_rows units are split in contiguous ranges over nth threads
+// (thread j: units [j*U/nth, (j+1)*U/nth)).
+static int64_t unit_owner(int64_t u, int64_t n_units, int nth) {
+    return ((u + 1) * nth - 1) / n_units;
 }
 
 enum ice_status ice_attn_forward(struct ice_attn_state * st, const struct ice_attn_io * io, int ith, int nth) {
@@ -421,31 +502,55 @@ enum ice_status ice_attn_forward(struct ice_attn_state * st, const struct ice_at
     enum ice_status rc = ice_attn_check_io(io, &dm, true);
     if (rc != ICE_STATUS_OK) return rc;
     if ((dm.stream0 + dm.n_stream) * dm.n_head_kv > ICE_MAX_HEADS) return ICE_STATUS_UNSUPPORTED;
+    const int64_t n_st = dm.n_stream * dm.n_tok;
     struct ice_thread * th = get_thread(st, ith);
-    if (!th) return ICE_STATUS_NO_MEMORY;
+    if (!th) {
+        if (n_st < nth) {
+            // a row split with a neighbour still needs this thread's half: a failed one
+            static struct ice_half failed = { 0.0f, 0.0f, ICE_STATUS_NO_MEMORY, NULL, 0 };
+            const int64_t U = 2 * n_st * dm.n_head, u0 = ith * U / nth, u1 = (ith + 1) * U / nth;
+            for (int which = 1; which >= 0 && u0 < u1; which--) {
+                const int64_t end = which ? u0 : u1, r = end / 2;   // a split row: an odd end
+                if (!(end & 1)) continue;
+                join_halves(st, which ? ith : unit_owner(end, U, nth), &failed, which,
+                            ice_out_row(io, r / dm.n_head / dm.n_tok, r / dm.n_head % dm.n_tok, r % dm.n_head), dm.d_v);
+            }
+        }
+        return ICE_STATUS_NO_MEMORY;
+    }
     th->vis_mask = NULL;
     th->fwd_gen++;
-    const int64_t n_st = dm.n_stream * dm.n_tok;
+    struct ice_half * pending;
     if (n_st >= nth) {
         // (stream, token) units round-robin, all heads of a unit on one thread
         for (int64_t u = ith; u < n_st; u += nth) {
             for (int64_t hq = 0; hq < dm.n_head; hq++) {
                 const int64_t last = (hq / dm.gqa + 1) * dm.gqa - 1;   // the group's last head
-                const enum ice_status r = forward_row(st, th, io, &dm, u / dm.n_tok, u % dm.n_tok, hq, last);
+                const enum ice_status r = forward_row(st, th, io, &dm, u / dm.n_tok, u % dm.n_tok, hq, last, ICE_HALVES, &pending);
                 if (r != ICE_STATUS_OK) rc = r;
             }
         }
-    } else {
-        // contiguous ranges of rows: consecutive query heads share a KV head (GQA), so they share one
-        // read of its ranking rows, and the K/V blocks one head reads are still in cache for the next
-        const int64_t n_rows = n_st * dm.n_head, r1 = (ith + 1) * n_rows / nth;
-        for (int64_t r = ith * n_rows / nth; r < r1; r++) {
-            const int64_t u = r / dm.n_head, hq = r % dm.n_head;
-            const int64_t group_end = r + ((hq / dm.gqa + 1) * dm.gqa - 1 - hq);   // row of the group's last head
-            const int64_t last = hq + ((group_end < r1 ? group_end : r1 - 1) - r);
-            const enum ice_status e = forward_row(st, th, io, &dm, u / dm.n_tok, u % dm.n_tok, hq, last);
-            if (e != ICE_STATUS_OK) rc = e;
+        return rc;
+    }
+    // each row two units (its halves), contiguous ranges of units: a thread shares at most the row at
+    // each end of its range with a neighbour. Consecutive query heads share a KV head (GQA), so they
+    // share one read of its ranking rows, and the K/V blocks one head reads are still in cache for the next
+    const int64_t n_rows = n_st * dm.n_head, U = 2 * n_rows;
+    const int64_t u0 = ith * U / nth, u1 = (ith + 1) * U / nth;
+    if (u0 == u1) return rc;
+    const int64_t r_last = (u1 - 1) / 2;
+    for (int64_t r = u0 / 2; r <= r_last; r++) {
+        const int parts = (2 * r >= u0 ? ICE_HALF_0 : 0) | (2 * r + 1 < u1 ? ICE_HALF_1 : 0);
+        const int64_t u = r / dm.n_head, hq = r % dm.n_head;
+        const int64_t group_end = r + ((hq / dm.gqa + 1) * dm.gqa - 1 - hq);   // row of the group's last head
+        const int64_t last = hq + ((group_end < r_last ? group_end : r_last) - r);
+        const int64_t s = u / dm.n_tok, t = u % dm.n_tok;
+        enum ice_status e = forward_row(st, th, io, &dm, s, t, hq, last, parts, &pending);
+        if (pending) {
+            const int64_t slot = parts == ICE_HALF_1 ? ith : unit_owner(2 * r + 1, U, nth);
+            e = join_halves(st, slot, pending, parts == ICE_HALF_1, ice_out_row(io, s, t, hq), dm.d_v);
         }
+        if (e != ICE_STATUS_OK) rc = e;
     }
     return rc;
 }

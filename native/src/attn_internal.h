@@ -44,6 +44,14 @@ struct ice_head {
     bool      has_sums;                      // bk and bv are up to date
 };
 
+// One half of a row's softmax (a row's attended cells are split in two at n/2, see attn.c): the
+// half's largest score, its sum of exp(score - m) and its unnormalised output.
+struct ice_half {
+    float m, s;
+    enum ice_status status;                  // not OK: the half failed (the row's output is zeroed)
+    float * o;          size_t o_cap;        // d_v floats
+};
+
 // Per thread ith: grow-only scratch.
 struct ice_thread {
     struct ice_dci_scratch dci;
@@ -70,12 +78,16 @@ struct ice_thread {
     uint64_t  fwd_gen, run_gen;              // forward calls on this thread; the call the run was scored in
     int64_t   run_s, run_t, run_hk, run_h0, run_h1;
     int32_t * uni;      size_t uni_cap;      // union of attended cells
+    const int32_t * cells; int64_t n_cells;  // the cells the current row attends (vis or uni)
     uint32_t * stamp;   size_t stamp_cap;    // per cell: == gen when in the union
     uint32_t  gen;
     float   * heap_s;   size_t heap_s_cap;
     int64_t * heap_i;   size_t heap_i_cap;
     float   * w;        size_t w_cap;        // tail: per-block weights
     float   * tmp;      size_t tmp_cap;
+    // halves of rows: [0] and [1] are this thread's share of a row split with another thread (read by
+    // that thread in join_halves), [2] and [3] the halves of rows computed here whole
+    struct ice_half half[4];
     // prepare
     float   * krow;     size_t krow_cap;     // one key and one value as f32
     uint8_t * dirty;    size_t dirty_cap;    // per block: to recompute
@@ -87,6 +99,9 @@ struct ice_attn_state {
     struct ice_attn_params p;
     struct ice_head   * heads[ICE_MAX_HEADS];
     struct ice_thread * threads[ICE_MAX_THREADS];
+    // forward: slot j joins the two halves of the row split between thread j (its second half) and the
+    // thread before it (atomic exchange; NULL between forward calls)
+    struct ice_half   * join[ICE_MAX_THREADS];
 };
 
 // Validates io; fills the common sizes.
