@@ -16,7 +16,7 @@ ATTENTION_MODES = ("dense", "iceformer")
 # The latency knob: one number from most exact (1) to fastest (8), chosen at any time without reloading
 # the model (Latency Adjustable Transformer style). Each level sets the kernel's budgets: the blocks of
 # block_size (16) keys attended exactly per query and head (top_blocks) and the recent window; sinks (4),
-# layer 0 dense and the tail estimate (off) stay at the library defaults. Levels were chosen from
+# dense layers (none) and the tail estimate (off) stay at the library defaults. Levels were chosen from
 # measurements on the bundled model (README, "Latency knob"); a knob set explicitly beside --speed wins
 # over the level's value. The library default is level DEFAULT_SPEED: the fastest level measured within
 # +1% perplexity of dense (and >= 98% top-1 agreement) at 4k and 8k tokens.
