@@ -490,10 +490,10 @@ static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread
     return attend_half(&kv, io, mrow, th->q, th->cells, th->n_cells, which, th->sc, *pending);
 }
 
-// The thread that owns unit u when 2*n_rows units are split in contiguous ranges over nth threads
-// (thread j: units [j*U/nth, (j+1)*U/nth)).
-static int64_t unit_owner(int64_t u, int64_t n_units, int nth) {
-    return ((u + 1) * nth - 1) / n_units;
+// The join slot of row r split between two threads: the index of the thread that owns its second half
+// (unit 2r+1) when U = 2*n_rows units are split in contiguous ranges (thread j: [j*U/nth, (j+1)*U/nth)).
+static int64_t split_slot(int64_t r, int64_t n_units, int nth) {
+    return ((2 * r + 2) * nth - 1) / n_units;
 }
 
 enum ice_status ice_attn_forward(struct ice_attn_state * st, const struct ice_attn_io * io, int ith, int nth) {
@@ -510,10 +510,9 @@ enum ice_status ice_attn_forward(struct ice_attn_state * st, const struct ice_at
             static struct ice_half failed = { 0.0f, 0.0f, ICE_STATUS_NO_MEMORY, NULL, 0 };
             const int64_t U = 2 * n_st * dm.n_head, u0 = ith * U / nth, u1 = (ith + 1) * U / nth;
             for (int which = 1; which >= 0 && u0 < u1; which--) {
-                const int64_t end = which ? u0 : u1, r = end / 2;   // a split row: an odd end
-                if (!(end & 1)) continue;
-                join_halves(st, which ? ith : unit_owner(end, U, nth), &failed, which,
-                            ice_out_row(io, r / dm.n_head / dm.n_tok, r / dm.n_head % dm.n_tok, r % dm.n_head), dm.d_v);
+                const int64_t end = which ? u0 : u1, r = end / 2, u = r / dm.n_head;   // a split row: an odd end
+                if (end & 1) join_halves(st, split_slot(r, U, nth), &failed, which,
+                                         ice_out_row(io, u / dm.n_tok, u % dm.n_tok, r % dm.n_head), dm.d_v);
             }
         }
         return ICE_STATUS_NO_MEMORY;
@@ -546,10 +545,7 @@ enum ice_status ice_attn_forward(struct ice_attn_state * st, const struct ice_at
         const int64_t last = hq + ((group_end < r_last ? group_end : r_last) - r);
         const int64_t s = u / dm.n_tok, t = u % dm.n_tok;
         enum ice_status e = forward_row(st, th, io, &dm, s, t, hq, last, parts, &pending);
-        if (pending) {
-            const int64_t slot = parts == ICE_HALF_1 ? ith : unit_owner(2 * r + 1, U, nth);
-            e = join_halves(st, slot, pending, parts == ICE_HALF_1, ice_out_row(io, s, t, hq), dm.d_v);
-        }
+        if (pending) e = join_halves(st, split_slot(r, U, nth), pending, parts == ICE_HALF_1, ice_out_row(io, s, t, hq), dm.d_v);
         if (e != ICE_STATUS_OK) rc = e;
     }
     return rc;
