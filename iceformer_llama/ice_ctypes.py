@@ -13,7 +13,7 @@ MODES = {"dense": LLAMA_ATTN_MODE_DENSE, "iceformer": LLAMA_ATTN_MODE_ICEFORMER}
 
 
 class llama_iceformer_params(ctypes.Structure):
-    # struct llama_iceformer_params { enum llama_attn_mode mode; int32_t top_k; ... bool tail_estimate; bool persistent; };
+    # struct llama_iceformer_params { enum llama_attn_mode mode; int32_t top_k; ... bool tail_estimate; bool persistent; bool group_blocks; };
     _fields_ = [
         ("mode", ctypes.c_int),
         ("top_k", ctypes.c_int32),
@@ -31,6 +31,7 @@ class llama_iceformer_params(ctypes.Structure):
         ("exact_search", ctypes.c_bool),
         ("tail_estimate", ctypes.c_bool),
         ("persistent", ctypes.c_bool),
+        ("group_blocks", ctypes.c_bool),
     ]
 
 

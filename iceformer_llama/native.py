@@ -207,6 +207,7 @@ class AttnParams:
     exact_search: bool
     tail_estimate: bool
     persistent: bool
+    group_blocks: bool
 
     @classmethod
     def default(cls, **overrides) -> "AttnParams":

@@ -15,20 +15,21 @@ ATTENTION_MODES = ("dense", "iceformer")
 
 # The latency knob: one number from most exact (1) to fastest (8), chosen at any time without reloading
 # the model (Latency Adjustable Transformer style). Each level sets the kernel's budgets: the blocks of
-# block_size (16) keys attended exactly per query and head (top_blocks) and the recent window; sinks (4),
-# dense layers (none) and the tail estimate (off) stay at the library defaults. Levels were chosen from
-# measurements on the bundled model (README, "Latency knob"); a knob set explicitly beside --speed wins
-# over the level's value. The library default is level DEFAULT_SPEED: the fastest level measured within
-# +1% perplexity of dense (and >= 98% top-1 agreement) at 4k and 8k tokens.
+# block_size (16) keys attended exactly per GQA group (top_blocks, chosen together by the group's query
+# heads) and the recent window; sinks (4), dense layers (none) and the tail estimate (off) stay at the
+# library defaults. Levels were chosen from measurements on the bundled model (README, "Latency knob"); a
+# knob set explicitly beside --speed wins over the level's value. The library default is level
+# DEFAULT_SPEED: the fastest level measured within +1% perplexity of dense (and >= 98% top-1 agreement)
+# at 4k and 8k tokens.
 SPEED_LEVELS: dict[int, dict] = {
-    1: {"block_size": 16, "top_blocks": 128, "window": 128},
-    2: {"block_size": 16, "top_blocks": 96, "window": 128},
-    3: {"block_size": 16, "top_blocks": 64, "window": 64},
-    4: {"block_size": 16, "top_blocks": 48, "window": 64},
-    5: {"block_size": 16, "top_blocks": 32, "window": 64},
-    6: {"block_size": 16, "top_blocks": 24, "window": 64},
-    7: {"block_size": 16, "top_blocks": 16, "window": 64},
-    8: {"block_size": 16, "top_blocks": 8, "window": 32},
+    1: {"block_size": 16, "top_blocks": 160, "window": 128},
+    2: {"block_size": 16, "top_blocks": 120, "window": 128},
+    3: {"block_size": 16, "top_blocks": 80, "window": 64},
+    4: {"block_size": 16, "top_blocks": 60, "window": 64},
+    5: {"block_size": 16, "top_blocks": 40, "window": 64},
+    6: {"block_size": 16, "top_blocks": 30, "window": 64},
+    7: {"block_size": 16, "top_blocks": 20, "window": 64},
+    8: {"block_size": 16, "top_blocks": 10, "window": 32},
 }
 DEFAULT_SPEED = 3
 
@@ -60,6 +61,8 @@ class IceformerSettings:
                                        kind=bool)
     persistent: bool | None = _knob("--persistent", "keep block summaries and the index across decode calls "
                                     "(off: rebuild them every call, the reference)", kind=bool)
+    group_blocks: bool | None = _knob("--group-blocks", "query heads sharing a KV head attend the same blocks, chosen "
+                                      "together (off: each head its own top_blocks)", kind=bool)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -95,15 +95,35 @@ def structured_keys(rng, n, d, rank=8, n_big=2):
     return k.astype(np.float32)
 
 
-def block_search_reference(q, k, v, mask, scale, n_sel, B, sinks, window):
+def block_search_reference(q, k, v, mask, scale, n_sel, B, sinks, window, group=False):
     """The coarse block search spelled out in float64 (tail estimate off, min_n_kv 0): per row and head,
     softmax over the first `sinks` and last `window` visible cells plus the visible cells of the n_sel
     best blocks. A block seen whole scores q.mean + 2 sqrt(q^2 . var) over its keys (mean and var rounded
     to fp16), one the mask cuts its best visible q.k; blocks with nothing visible or nothing outside the
-    union are not chosen; ties go to the lower block."""
+    union are not chosen; ties go to the lower block. group: the heads sharing a KV head rank blocks
+    together, by the largest over the group's heads of (score - that head's best whole-block score)."""
     S, H, T, _ = q.shape
     G, N = H // k.shape[1], k.shape[2]
     out = np.zeros((S, T, H, v.shape[-1]))
+    nb = (N + B - 1) // B
+
+    def scores(s, t, h, m):
+        qq, kk = q[s, h, t].astype(np.float64), k[s, h // G].astype(np.float64)
+        sc = np.full(nb, -np.inf)
+        whole = np.zeros(nb, bool)
+        for b in range(nb):
+            cells = np.arange(b * B, min((b + 1) * B, N))
+            seen = cells[np.isfinite(m[cells])]
+            if len(seen) == len(cells):
+                kb = kk[cells]
+                # the kernel keeps the block's mean and variance in fp16 (its ranking rows)
+                mean = kb.mean(0).astype(np.float16).astype(np.float64)
+                var = ((kb - kb.mean(0)) ** 2).mean(0).astype(np.float16).astype(np.float64)
+                sc[b], whole[b] = mean @ qq + 2 * np.sqrt((qq * qq) @ var), True
+            elif len(seen):
+                sc[b] = (kk[seen] @ qq).max()
+        return sc, whole
+
     for s, t, h in itertools.product(range(S), range(T), range(H)):
         qq, kk, vv = q[s, h, t].astype(np.float64), k[s, h // G].astype(np.float64), v[s, h // G].astype(np.float64)
         m = mask[min(s, mask.shape[0] - 1), t].astype(np.float64)
@@ -112,21 +132,20 @@ def block_search_reference(q, k, v, mask, scale, n_sel, B, sinks, window):
             continue
         union = set(vis.tolist()) if len(vis) <= sinks + window else set(vis[:sinks].tolist()) | set(vis[len(vis) - window:].tolist())
         if len(vis) > sinks + window:
+            if group:
+                rank = np.full(nb, -np.inf)
+                for hh in range(h - h % G, h - h % G + G):
+                    sc, whole = scores(s, t, hh, m)
+                    rank = np.maximum(rank, sc - (sc[whole].max() if whole.any() else 0.0))
+            else:
+                rank = scores(s, t, h, m)[0]
             ranked = []
-            for b in range((N + B - 1) // B):
+            for b in range(nb):
                 cells = np.arange(b * B, min((b + 1) * B, N))
                 seen = cells[np.isfinite(m[cells])]
                 if len(seen) == 0 or (len(seen) == len(cells) and union.issuperset(cells.tolist())):
                     continue
-                if len(seen) == len(cells):
-                    kb = kk[cells]
-                    # the kernel keeps the block's mean and variance in fp16 (its ranking rows)
-                    mean = kb.mean(0).astype(np.float16).astype(np.float64)
-                    var = ((kb - kb.mean(0)) ** 2).mean(0).astype(np.float16).astype(np.float64)
-                    score = mean @ qq + 2 * np.sqrt((qq * qq) @ var)
-                else:
-                    score = (kk[seen] @ qq).max()
-                ranked.append((-score, b, seen.tolist()))
+                ranked.append((-rank[b], b, seen.tolist()))
             for _, _, seen in sorted(ranked)[:n_sel]:
                 union |= set(seen)
         cells = np.array(sorted(union))

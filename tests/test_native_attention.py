@@ -16,7 +16,7 @@ native = load_native()
 
 # (n_kv, n_tok) pairs; the big ones are few
 SIZES = [(1, 1), (9, 1), (70, 7), (200, 32), (333, 7), (700, 32), (1100, 1), (1024, 512), (4096, 7), (8192, 1)]
-HEAD = [(64, 1), (64, 3), (128, 8), (128, 1), (64, 8), (128, 3)]      # (head_dim, gqa)
+HEAD = [(64, 1), (64, 3), (128, 8), (128, 1), (64, 8), (128, 3), (96, 3)]      # (head_dim, gqa)
 MASKS = ["causal", "two_seq", "single", "random"]
 
 
@@ -31,7 +31,7 @@ def _cases():
             continue
         kvt = "f16" if i % 2 == 0 else "f32"
         vt = (i // 2) % 3 == 0
-        search = ("exact", "dci", "blocks")[(i // 3) % 3]
+        search = ("exact", "dci", "blocks", "joint")[(i // 3) % 4]
         cover = "union" if (i // 5) % 2 == 0 else "topk"
         cases.append(pytest.param(n_kv, n_tok, hd, gqa, mk, kvt, vt, search, cover,
                                   id=f"n_kv={n_kv},n_tok={n_tok},hd={hd},gqa={gqa},mask={mk},kv={kvt},"
@@ -65,6 +65,8 @@ def _covering_params(n_kv, search, cover):
         kw.update(n_sinks=0, window=0)
     if search == "blocks":   # coarse search alone: every block chosen, the tail sees an empty rest
         kw.update(top_k=0, block_size=32, top_blocks=(n_kv + 31) // 32, tail_estimate=True)
+    if search == "joint":    # shared blocks, no tail: each GQA group answered in one pass over its cells
+        kw.update(top_k=0, block_size=32, top_blocks=(n_kv + 31) // 32, group_blocks=True)
     if search == "dci":
         kw.update(visit_budget=n_kv * 8, retrieve_budget=n_kv)
     return native.AttnParams.default(**kw)
@@ -125,8 +127,9 @@ def test_zero_visible_rows_are_zero():
         assert np.all(np.isfinite(out))
 
 
-# the coarse block search alone (no k-NN): blocks of 32 cells, 6 of them per row
-_BLOCKS = {"blocks": dict(top_k=0, top_blocks=6, block_size=32)}
+# the coarse block search alone (no k-NN): blocks of 32 cells, 6 of them per GQA group (or per head)
+_BLOCKS = {"blocks": dict(top_k=0, top_blocks=6, block_size=32),
+           "head-blocks": dict(top_k=0, top_blocks=6, block_size=32, group_blocks=False)}
 
 
 @pytest.mark.parametrize("search", ["exact", "dci", "blocks"])
@@ -149,15 +152,14 @@ def test_causality(search, tail):
     assert not np.array_equal(out1[:, t + 1:], out2[:, t + 1:])
 
 
-@pytest.mark.parametrize("search", ["exact", "dci", "blocks"])
+@pytest.mark.parametrize("search", ["exact", "dci", "blocks", "head-blocks"])
 @pytest.mark.parametrize("tail", [False, True])
 @pytest.mark.parametrize("n_tok", [1, 48])
 @pytest.mark.parametrize("gqa", [3, 8])
 def test_threads_bit_identical(search, tail, n_tok, gqa):
-    """Threads split a GQA group's heads differently (its block scores are computed once per thread for
-    the heads it answers, four queries per pass), and with one token a row's two halves may go to two
-    threads (5 threads over 12 or 32 half-rows split rows at every odd boundary; 40 threads leave some
-    idle): the output must not change."""
+    """Threads take (token, GQA group) units round-robin, or, with one token, halves of groups, so a
+    group's two halves may go to two threads (5 threads over 4 half-groups split a group at an odd
+    boundary; 40 threads leave most idle): the output must not change."""
     q, k, v, mask, scale = _data(3000, n_tok, 64, gqa, "two_seq" if n_tok > 1 else "causal", "f16", seed=9)
     params = native.AttnParams.default(**{**dict(top_k=32, min_n_kv=200, exact_search=(search == "exact"),
                                                  tail_estimate=tail), **_BLOCKS.get(search, {})})
@@ -172,8 +174,8 @@ def test_threads_bit_identical(search, tail, n_tok, gqa):
 @pytest.mark.parametrize("n_threads", [2, 4])
 def test_split_rows_on_real_threads(n_threads):
     """Decode rows of the bundled model's shape (9 query heads over 3 KV heads) on concurrent threads:
-    rows split between two threads are joined by whichever finishes second; every repeat must give the
-    single-thread output bit for bit."""
+    GQA groups split between two threads are joined by whichever finishes second; every repeat must give
+    the single-thread output bit for bit."""
     q, k, v, mask, scale = _data(2000, 1, 64, 3, "causal", "f16", seed=12, n_head_kv=3)
     params = native.AttnParams.default(top_k=0, top_blocks=16, block_size=16, window=32, min_n_kv=0)
     ref = native.attention(q, k, v, mask, scale, params, n_threads=1)
@@ -227,13 +229,15 @@ def test_bad_io_raises():
         native.AttnParams.default(topk=3)
 
 
+@pytest.mark.parametrize("group", [True, False])
 @pytest.mark.parametrize("keys", ["structured", "tied"])
 @pytest.mark.parametrize("mk", ["causal", "two_seq"])
 @pytest.mark.parametrize("n_tok,gqa", [(8, 3), (1, 8)])
-def test_block_search_matches_reference(keys, mk, n_tok, gqa):
-    """Which blocks the coarse search attends: the n_sel best by score, ties to the lower block. "tied"
-    makes most blocks exact copies of one block (equal scores in float32 and float64 alike) beside
-    three strong ones, so the tie rule decides the rest of the selection."""
+def test_block_search_matches_reference(keys, mk, n_tok, gqa, group):
+    """Which blocks the coarse search attends: the n_sel best by score (per head, or per GQA group with
+    group_blocks), ties to the lower block. "tied" makes most blocks exact copies of one block (equal
+    scores in float32 and float64 alike) beside three strong ones, so the tie rule decides the rest of
+    the selection."""
     n_kv, B, n_sel = 32 * 24 - 5, 32, 6
     q, k, v, mask, scale = _data(n_kv, n_tok, 64, gqa, mk, "f32", seed=21, n_head_kv=2)
     if keys == "tied":
@@ -243,11 +247,15 @@ def test_block_search_matches_reference(keys, mk, n_tok, gqa):
         for b, f in ((4, 3.0), (11, 2.5), (17, 2.0)):
             k[:, :, b * B:(b + 1) * B] *= f
     params = native.AttnParams.default(top_k=0, top_blocks=n_sel, block_size=B, n_sinks=4, window=16, min_n_kv=0,
-                                       tail_estimate=False)
-    ref = block_search_reference(q, k, v, mask, scale, n_sel, B, 4, 16)
+                                       tail_estimate=False, group_blocks=group)
+    ref = block_search_reference(q, k, v, mask, scale, n_sel, B, 4, 16, group=group)
     out = native.attention(q, k, v, mask, scale, params)
     assert nmse(out, ref) < 1e-6
+    # and the choice matters here: the other ranking gives another answer when heads share a KV head
+    if gqa > 1:
+        assert nmse(out, block_search_reference(q, k, v, mask, scale, n_sel, B, 4, 16, group=not group)) > 1e-6
     # and the search matters here: attending fewer blocks gives a different answer
     fewer = native.attention(q, k, v, mask, scale, native.AttnParams.default(
-        top_k=0, top_blocks=n_sel - 2, block_size=B, n_sinks=4, window=16, min_n_kv=0, tail_estimate=False))
+        top_k=0, top_blocks=n_sel - 2, block_size=B, n_sinks=4, window=16, min_n_kv=0, tail_estimate=False,
+        group_blocks=group))
     assert nmse(fewer, ref) > 1e-6

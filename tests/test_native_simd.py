@@ -1,5 +1,5 @@
 """Every SIMD variant the CPU offers (ICEFORMER_SIMD caps the choice per process) against the float64
-references: dense, the coarse block search with partial blocks (blocks of 32 and of 16), the tail
+references: dense, the coarse block search with partial blocks (blocks of 32 and of 16; per GQA group and per head), the tail
 estimate at full cover, and the vector exp of the softmax over rows long enough to use every lane and
 tail path.
 
@@ -28,6 +28,9 @@ CONFIGS = {
     # 40 blocks of 16 (the default size): full vector iterations of the ranking keys plus a scalar rest
     "blocks-16": dict(top_k=0, top_blocks=2 * N_SEL, block_size=B // 2, n_sinks=SINKS, window=WINDOW, min_n_kv=0,
                       tail_estimate=False),
+    # blocks chosen per head (group_blocks off): one head's rows at a time, the single-query kernels
+    "blocks-head": dict(top_k=0, top_blocks=N_SEL, block_size=B, n_sinks=SINKS, window=WINDOW, min_n_kv=0,
+                        tail_estimate=False, group_blocks=False),
 }
 
 CHILD = """
@@ -73,8 +76,9 @@ def test_each_simd_variant_matches_references(mk, tmp_path):
     best = str(_run(None, path, tmp_path)["variant"])
     assert best in ORDER
     refs = {"dense": reference_attention(q, k, v, mask, scale),
-            "blocks": block_search_reference(q, k, v, mask, scale, N_SEL, B, SINKS, WINDOW),
-            "blocks-16": block_search_reference(q, k, v, mask, scale, 2 * N_SEL, B // 2, SINKS, WINDOW)}
+            "blocks": block_search_reference(q, k, v, mask, scale, N_SEL, B, SINKS, WINDOW, group=True),
+            "blocks-16": block_search_reference(q, k, v, mask, scale, 2 * N_SEL, B // 2, SINKS, WINDOW, group=True),
+            "blocks-head": block_search_reference(q, k, v, mask, scale, N_SEL, B, SINKS, WINDOW)}
     refs["tail-cover"] = refs["dense"]
     for variant in ORDER[: ORDER.index(best) + 1]:
         got = _run(variant, path, tmp_path)

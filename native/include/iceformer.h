@@ -153,12 +153,16 @@ struct ice_attn_params {
     bool     tail_estimate;   // add the block-summary estimate of keys not attended exactly
     bool     persistent;      // keep block summaries and the DCI index across evaluations, updating only
                               // what io->written names (needs io->epoch_*); false: rebuild on every call
+    bool     group_blocks;    // the query heads sharing a KV head (GQA group) attend the same top_blocks
+                              // blocks, chosen by the best of their scores (each head's relative to its
+                              // best block), so each chosen block is read once for the group
 };
 
 // Defaults, chosen from measurements on SmolLM2-135M (README, "Results"): the coarse block search
-// (top_blocks 64 of block_size 16: the fastest setting measured within +1% perplexity of dense and at
-// >= 98% teacher-forced top-1 agreement at 4k and 8k tokens; blocks of 16 beat blocks of 32 at the same
-// number of keys attended) with n_sinks 4 and window 64, and top_k 0: Prioritized DCI
+// (top_blocks 80 of block_size 16 per GQA group, group_blocks: the fastest setting measured within +1%
+// perplexity of dense and at >= 98% teacher-forced top-1 agreement at 4k and 8k tokens; blocks of 16 beat
+// blocks of 32 at the same number of keys attended; 80 shared blocks matched or beat 64 per head at 1k-8k
+// while each group reads a sixth fewer keys) with n_sinks 4 and window 64, and top_k 0: Prioritized DCI
 // k-NN search (top_k > 0) is kept, but on 2 cores it made a 4k-token prefill 3.6x slower than dense
 // while the block search made it faster. DCI settings when it is used: L = 4, m = 1 (m = 1 beat m = 2
 // at equal visits on synthetic keys), automatic budgets (each simple index walks max(16 top_k, n/8)

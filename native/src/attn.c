@@ -53,7 +53,8 @@ static void thread_free(struct ice_thread * t) {
     ice_dci_scratch_free(&t->dci);
     free(t->vis); free(t->vis_bcnt); free(t->q); free(t->sc); free(t->qk); free(t->bcov); free(t->bkey); free(t->gq); free(t->bqk); free(t->q2); free(t->bsp); free(t->partial); free(t->uni); free(t->stamp);
     free(t->heap_s); free(t->heap_i); free(t->w); free(t->tmp); free(t->krow); free(t->dirty); free(t->k32); free(t->stat);
-    for (int i = 0; i < 4; i++) free(t->half[i].o);
+    for (int i = 0; i < 4; i++) free(t->half[i].buf);
+    free(t->gqa_q); free(t->gsc);
     free(t);
 }
 
@@ -78,7 +79,8 @@ size_t ice_attn_state_memory(const struct ice_attn_state * state) {
         b += sizeof *t + t->dci.cnt_cap + t->dci.cand_cap + t->dci.touched_cap + t->dci.qn_cap +
              t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->qk_cap + t->bcov_cap + t->bkey_cap + t->gq_cap + t->bqk_cap + t->q2_cap + t->bsp_cap + t->partial_cap + t->uni_cap + t->stamp_cap +
              t->heap_s_cap + t->heap_i_cap + t->w_cap + t->tmp_cap + t->krow_cap + t->dirty_cap + t->k32_cap + t->stat_cap;
-        for (int j = 0; j < 4; j++) b += t->half[j].o_cap;
+        for (int j = 0; j < 4; j++) b += t->half[j].buf_cap;
+        b += t->gqa_q_cap + t->gsc_cap;
     }
     return b;
 }
@@ -304,54 +306,68 @@ void ice_kv_axpys_transposed(const struct ice_kv * kv, float * o, const float * 
 
 enum { ICE_HALF_0 = 1, ICE_HALF_1 = 2, ICE_HALVES = 3 };
 
-// Half `which` of the softmax over a row's n cells (the first n/2, or the rest) into hf: dot products,
-// scores (scale * q.k + mask) in sc[lo..hi), their max and exp-sum, and the unnormalised output.
-static enum ice_status attend_half(const struct ice_kv * kv, const struct ice_attn_io * io, const void * mrow,
-        const float * q, const int32_t * cells, int64_t n, int which, float * sc, struct ice_half * hf) {
-    const int64_t lo = which ? n / 2 : 0, hi = which ? n : n / 2, dv = kv->d_v;
-    if (ICE_RESERVE(&hf->o, &hf->o_cap, dv, 0)) return hf->status = ICE_STATUS_NO_MEMORY;
-    memset(hf->o, 0, (size_t)dv * sizeof(float));
-    ice_kv_dots(kv, q, cells + lo, hi - lo, sc + lo);
-    for (int64_t i = lo; i < hi; i++) sc[i] = io->scale * sc[i] + ice_mask_value(io->mask.type, mrow, cells[i]);
-    hf->m = ice_max(sc + lo, hi - lo);
-    hf->s = 0.0f;
-    if (hi > lo) {
-        hf->s = ice_exp_sum(sc + lo, hi - lo, hf->m);
-        ice_kv_axpys(kv, hf->o, sc + lo, cells + lo, hi - lo);
-    }
+// Room in hf for na heads' halves (d_v floats of output each).
+static enum ice_status half_reserve(struct ice_half * hf, int64_t na, int64_t dv) {
+    if (ICE_RESERVE(&hf->buf, &hf->buf_cap, na * (dv + 2), 0)) return hf->status = ICE_STATUS_NO_MEMORY;
+    hf->na = na;
+    hf->m = hf->buf; hf->s = hf->buf + na; hf->o = hf->buf + 2 * na;
+    memset(hf->o, 0, (size_t)(na * dv) * sizeof(float));
     return hf->status = ICE_STATUS_OK;
 }
 
-// o = the softmax-weighted output of a row from its two halves (zero when neither attends anything)
-static enum ice_status merge_halves(const struct ice_half * a, const struct ice_half * b, float * o, int64_t dv) {
-    const enum ice_status rc = a->status != ICE_STATUS_OK ? a->status : b->status;
-    const float m = a->m > b->m ? a->m : b->m;
-    const float ea = a->s > 0.0f ? expf(a->m - m) : 0.0f, eb = b->s > 0.0f ? expf(b->m - m) : 0.0f;
-    const float sum = a->s * ea + b->s * eb;
-    if (rc != ICE_STATUS_OK || !(sum > 0.0f)) { memset(o, 0, (size_t)dv * sizeof(float)); return rc; }
-    const float wa = ea / sum, wb = eb / sum;
-    for (int64_t d = 0; d < dv; d++) o[d] = a->o[d] * wa + b->o[d] * wb;
-    return ICE_STATUS_OK;
+// Half `which` of the softmax over cells[0..n) (the first n/2, or the rest) for the na query rows q
+// (na*d_k floats) that attend the same cells, into heads j0..j0+na-1 of hf: dot products, scores (scale *
+// q.k + mask) in sc (na*n floats, head j's at j*n), each head's max and exp-sum, and its unnormalised
+// output. Each K and V row is read once for the na heads.
+static void attend_half(const struct ice_kv * kv, const struct ice_attn_io * io, const void * mrow,
+        const float * q, int64_t na, const int32_t * cells, int64_t n, int which, float * sc, struct ice_half * hf,
+        int64_t j0) {
+    const int64_t lo = which ? n / 2 : 0, hi = which ? n : n / 2, m = hi - lo, dv = kv->d_v;
+    for (int64_t j = j0; j < j0 + na; j++) { hf->m[j] = -INFINITY; hf->s[j] = 0.0f; }
+    if (m == 0) return;
+    const int32_t * cl = cells + lo;
+    // one head: the single-query kernels (eight rows per reduction, two accumulator chains)
+    if (na == 1) ice_kv_dots(kv, q, cl, m, sc);
+    else ice_dots_rows_multi(q, na, kv->k, kv->k_nb1, kv->kt, cl, m, kv->d_k, sc);
+    for (int64_t j = 0; j < na; j++) {
+        float * sj = sc + j * m;
+        for (int64_t i = 0; i < m; i++) sj[i] = io->scale * sj[i] + ice_mask_value(io->mask.type, mrow, cl[i]);
+        hf->m[j0 + j] = ice_max(sj, m);
+        hf->s[j0 + j] = ice_exp_sum(sj, m, hf->m[j0 + j]);
+    }
+    float * o = hf->o + j0 * dv;
+    if (na == 1) ice_kv_axpys(kv, o, sc, cl, m);
+    else if (kv->v_nb0 == ice_type_size(kv->vt)) ice_axpys_rows_multi(o, na, sc, kv->v, kv->v_nb1, kv->vt, cl, m, dv);
+    else for (int64_t j = 0; j < na; j++) ice_kv_axpys_transposed(kv, o + j * dv, sc + j * m, cl, m);
 }
 
-// Joins a row split between two threads: the first to arrive leaves its half in the slot, the second
+// Output rows g0..g0+na-1 of (s, t), softmax-weighted, from the two halves of each (zero where neither
+// attends anything; all zero when either half failed).
+static enum ice_status merge_halves(const struct ice_half * a, const struct ice_half * b, const struct ice_attn_io * io,
+        int64_t s, int64_t t, int64_t g0, int64_t na, int64_t dv) {
+    const enum ice_status rc = a->status != ICE_STATUS_OK ? a->status : b->status;
+    for (int64_t j = 0; j < na; j++) {
+        float * o = ice_out_row(io, s, t, g0 + j);
+        if (rc != ICE_STATUS_OK) { memset(o, 0, (size_t)dv * sizeof(float)); continue; }
+        const float m = a->m[j] > b->m[j] ? a->m[j] : b->m[j];
+        const float ea = a->s[j] > 0.0f ? expf(a->m[j] - m) : 0.0f, eb = b->s[j] > 0.0f ? expf(b->m[j] - m) : 0.0f;
+        const float sum = a->s[j] * ea + b->s[j] * eb;
+        if (!(sum > 0.0f)) { memset(o, 0, (size_t)dv * sizeof(float)); continue; }
+        const float wa = ea / sum, wb = eb / sum;
+        const float * ao = a->o + j * dv, * bo = b->o + j * dv;
+        for (int64_t d = 0; d < dv; d++) o[d] = ao[d] * wa + bo[d] * wb;
+    }
+    return rc;
+}
+
+// Joins a group split between two threads: the first to arrive leaves its half in the slot, the second
 // merges both (halves in their fixed order, so the result is the same whichever thread merges).
 static enum ice_status join_halves(struct ice_attn_state * st, int64_t slot, struct ice_half * mine, int which,
-        float * o, int64_t dv) {
+        const struct ice_attn_io * io, int64_t s, int64_t t, int64_t g0, int64_t na, int64_t dv) {
     struct ice_half * other = __atomic_exchange_n(&st->join[slot], mine, __ATOMIC_ACQ_REL);
     if (!other) return mine->status;   // the other thread merges
     __atomic_store_n(&st->join[slot], (struct ice_half *)NULL, __ATOMIC_RELAXED);
-    return which ? merge_halves(other, mine, o, dv) : merge_halves(mine, other, o, dv);
-}
-
-// The result of a row that failed: zeros written, or, for one half of a split row, a failed half.
-static enum ice_status row_failed(struct ice_thread * th, float * o, int64_t dv, int parts, enum ice_status rc,
-        struct ice_half ** pending) {
-    if (parts == ICE_HALVES) { memset(o, 0, (size_t)dv * sizeof(float)); return rc; }
-    struct ice_half * hf = &th->half[parts == ICE_HALF_0 ? 0 : 1];
-    hf->status = rc;
-    *pending = hf;
-    return rc;
+    return which ? merge_halves(other, mine, io, s, t, g0, na, dv) : merge_halves(mine, other, io, s, t, g0, na, dv);
 }
 
 // The block scores of row (s, t, hq): computed, when this thread has not yet scored it in this forward
@@ -432,9 +448,15 @@ static enum ice_status row_cells(struct ice_attn_state * st, struct ice_thread *
     }
     if (blocks) {
         const float * bsp = NULL;
-        const float * bqk = row_block_scores(th, h, io, dm, s, t, hq, hq_last, &bsp);
+        // shared blocks: scored for the whole GQA group (whichever of its heads this thread answers), so
+        // every head of the group picks the same blocks
+        const int64_t g0 = hq - hq % dm->gqa;
+        const float * bqk = p->group_blocks ? row_block_scores(th, h, io, dm, s, t, g0, g0 + dm->gqa - 1, &bsp)
+                                            : row_block_scores(th, h, io, dm, s, t, hq, hq_last, &bsp);
         if (!bqk) return ICE_STATUS_NO_MEMORY;
-        const int64_t added = ice_block_select(h, kv, th, p->top_blocks, q, bqk, bsp, th->uni, nu, gen, th->uni + nu);
+        const int64_t added = p->group_blocks
+            ? ice_block_select(h, kv, th, p->top_blocks, dm->gqa, th->gq, bqk, bsp, th->uni, nu, gen, th->uni + nu)
+            : ice_block_select(h, kv, th, p->top_blocks, 1, q, bqk, bsp, th->uni, nu, gen, th->uni + nu);
         if (added < 0) return ICE_STATUS_NO_MEMORY;
         nu += added;
     }
@@ -443,55 +465,98 @@ static enum ice_status row_cells(struct ice_attn_state * st, struct ice_thread *
     return ICE_STATUS_OK;
 }
 
-// Row (s, t, hq): `parts` says which halves of its cells this call computes. With ICE_HALVES the
-// output is written; with one half, the half is left in th->half[0 or 1] and *pending points at it for
-// join_halves (NULL when there is nothing to join: a tail-estimate row is computed whole by the owner of
-// its first half).
-static enum ice_status forward_row(struct ice_attn_state * st, struct ice_thread * th, const struct ice_attn_io * io,
-        const struct ice_dims * dm, int64_t s, int64_t t, int64_t hq, int64_t hq_last, int parts,
-        struct ice_half ** pending) {
+// The result of a group that failed: zeros written, or, for one half of a split group, a failed half.
+static enum ice_status group_failed(struct ice_thread * th, const struct ice_attn_io * io, const struct ice_dims * dm,
+        int64_t s, int64_t t, int64_t g0, int parts, enum ice_status rc, struct ice_half ** pending) {
+    if (parts == ICE_HALVES) {
+        for (int64_t j = 0; j < dm->gqa; j++) memset(ice_out_row(io, s, t, g0 + j), 0, (size_t)dm->d_v * sizeof(float));
+        return rc;
+    }
+    struct ice_half * hf = &th->half[parts == ICE_HALF_0 ? 0 : 1];
+    hf->status = rc;
+    *pending = hf;
+    return rc;
+}
+
+// Whether every head of a GQA group attends the same cells, so the group is answered in one pass:
+// without per-head k-NN search and without the tail estimate, when its blocks are shared or off.
+static bool group_joint(const struct ice_attn_params * p, const struct ice_head * h) {
+    if (!h->indexed) return true;
+    return !p->tail_estimate && p->top_k == 0 && (p->top_blocks == 0 || p->group_blocks);
+}
+
+// The query heads g0 .. g0+gqa-1 of (s, t), which share KV head hk: `parts` says which halves of their
+// cells this call computes. With ICE_HALVES the outputs are written; with one half, the heads' halves
+// are left in th->half[0 or 1] and *pending points at them for join_halves (NULL when there is nothing to
+// join: tail-estimate rows are computed whole by the owner of the first half).
+static enum ice_status forward_group(struct ice_attn_state * st, struct ice_thread * th, const struct ice_attn_io * io,
+        const struct ice_dims * dm, int64_t s, int64_t t, int64_t hk, int parts, struct ice_half ** pending) {
     const struct ice_attn_params * p = &st->p;
-    const int64_t hk = hq / dm->gqa;
+    const int64_t na = dm->gqa, g0 = hk * na, dv = dm->d_v, dk = dm->d_k;
     const struct ice_head * h = head_of(st, dm, s, hk);
-    float * o = ice_out_row(io, s, t, hq);
     *pending = NULL;
     struct ice_kv kv;
     ice_kv_of(&kv, io, hk, s);
     if (!h || h->kbase != kv.k || h->vbase != kv.v || h->mdata != io->mask.data ||
         h->n_kv != dm->n_kv || h->d_k != dm->d_k || h->d_v != dm->d_v) {
-        return row_failed(th, o, dm->d_v, parts, ICE_STATUS_INVALID_ARG, pending);   // prepare was not run for this io
+        return group_failed(th, io, dm, s, t, g0, parts, ICE_STATUS_INVALID_ARG, pending);   // prepare was not run for this io
     }
-    if (h->status != ICE_STATUS_OK) return row_failed(th, o, dm->d_v, parts, h->status, pending);
+    if (h->status != ICE_STATUS_OK) return group_failed(th, io, dm, s, t, g0, parts, h->status, pending);
     const int tail = p->tail_estimate && h->indexed;
+    const void * mrow = ice_mask_row(io, t, s);
     if (tail) {
         if (!(parts & ICE_HALF_0)) return ICE_STATUS_OK;   // the first half's owner computes it whole
-        parts = ICE_HALVES;
-    }
-    const enum ice_status rc = row_cells(st, th, io, dm, h, &kv, s, t, hq, hq_last, tail);
-    if (rc != ICE_STATUS_OK) return row_failed(th, o, dm->d_v, parts, rc, pending);
-    const void * mrow = ice_mask_row(io, t, s);
-    if (tail && th->cells == th->uni) {
-        // the union's scores and q.k (kept in th->qk for the estimate), then the estimate
-        ice_kv_dots(&kv, th->q, th->uni, th->n_cells, th->qk);
-        for (int64_t i = 0; i < th->n_cells; i++) th->sc[i] = io->scale * th->qk[i] + ice_mask_value(io->mask.type, mrow, th->uni[i]);
-        if (ice_tail_row(h, &kv, th, io->scale, th->q, th->uni, th->n_cells, th->sc, o)) {
-            memset(o, 0, (size_t)dm->d_v * sizeof(float));
-            return ICE_STATUS_NO_MEMORY;
+        enum ice_status rc = ICE_STATUS_OK;
+        for (int64_t hq = g0; hq < g0 + na; hq++) {
+            float * o = ice_out_row(io, s, t, hq);
+            enum ice_status r = row_cells(st, th, io, dm, h, &kv, s, t, hq, g0 + na - 1, 1);
+            if (r == ICE_STATUS_OK && th->cells == th->uni) {
+                // the union's scores and q.k (kept in th->qk for the estimate), then the estimate
+                ice_kv_dots(&kv, th->q, th->uni, th->n_cells, th->qk);
+                for (int64_t i = 0; i < th->n_cells; i++) th->sc[i] = io->scale * th->qk[i] + ice_mask_value(io->mask.type, mrow, th->uni[i]);
+                if (ice_tail_row(h, &kv, th, io->scale, th->q, th->uni, th->n_cells, th->sc, o)) r = ICE_STATUS_NO_MEMORY;
+            } else if (r == ICE_STATUS_OK) {   // a dense row
+                if (half_reserve(&th->half[2], 1, dv) || half_reserve(&th->half[3], 1, dv)) r = ICE_STATUS_NO_MEMORY;
+                else {
+                    attend_half(&kv, io, mrow, th->q, 1, th->cells, th->n_cells, 0, th->sc, &th->half[2], 0);
+                    attend_half(&kv, io, mrow, th->q, 1, th->cells, th->n_cells, 1, th->sc, &th->half[3], 0);
+                    r = merge_halves(&th->half[2], &th->half[3], io, s, t, hq, 1, dv);
+                }
+            }
+            if (r != ICE_STATUS_OK) { memset(o, 0, (size_t)dv * sizeof(float)); rc = r; }
         }
-        return ICE_STATUS_OK;
+        return rc;
     }
-    if (parts == ICE_HALVES) {
-        attend_half(&kv, io, mrow, th->q, th->cells, th->n_cells, 0, th->sc, &th->half[2]);
-        attend_half(&kv, io, mrow, th->q, th->cells, th->n_cells, 1, th->sc, &th->half[3]);
-        return merge_halves(&th->half[2], &th->half[3], o, dm->d_v);
+    struct ice_half * hv[2] = { &th->half[parts == ICE_HALVES ? 2 : 0], &th->half[parts == ICE_HALVES ? 3 : 1] };
+    for (int which = 0; which < 2; which++) {
+        if ((parts & (1 << which)) && half_reserve(hv[which], na, dv)) return group_failed(th, io, dm, s, t, g0, parts, ICE_STATUS_NO_MEMORY, pending);
     }
-    const int which = parts == ICE_HALF_1;
-    *pending = &th->half[which];
-    return attend_half(&kv, io, mrow, th->q, th->cells, th->n_cells, which, th->sc, *pending);
+    if (group_joint(p, h)) {
+        // one cell list and one pass over its K and V rows for the whole group
+        enum ice_status r = row_cells(st, th, io, dm, h, &kv, s, t, g0, g0 + na - 1, 0);
+        if (r == ICE_STATUS_OK && (ICE_RESERVE(&th->gqa_q, &th->gqa_q_cap, na * dk, 0) ||
+                                   ICE_RESERVE(&th->gsc, &th->gsc_cap, na * (th->n_cells / 2 + 1), 0))) r = ICE_STATUS_NO_MEMORY;
+        if (r != ICE_STATUS_OK) return group_failed(th, io, dm, s, t, g0, parts, r, pending);
+        for (int64_t j = 0; j < na; j++) ice_view_load_row(&io->q, t, g0 + j, s, th->gqa_q + j * dk);
+        for (int which = 0; which < 2; which++) {
+            if (parts & (1 << which)) attend_half(&kv, io, mrow, th->gqa_q, na, th->cells, th->n_cells, which, th->gsc, hv[which], 0);
+        }
+    } else {
+        for (int64_t j = 0; j < na; j++) {
+            const enum ice_status r = row_cells(st, th, io, dm, h, &kv, s, t, g0 + j, g0 + na - 1, 0);
+            if (r != ICE_STATUS_OK) return group_failed(th, io, dm, s, t, g0, parts, r, pending);
+            for (int which = 0; which < 2; which++) {
+                if (parts & (1 << which)) attend_half(&kv, io, mrow, th->q, 1, th->cells, th->n_cells, which, th->sc, hv[which], j);
+            }
+        }
+    }
+    if (parts == ICE_HALVES) return merge_halves(hv[0], hv[1], io, s, t, g0, na, dv);
+    *pending = hv[parts == ICE_HALF_0 ? 0 : 1];
+    return ICE_STATUS_OK;
 }
 
-// The join slot of row r split between two threads: the index of the thread that owns its second half
-// (unit 2r+1) when U = 2*n_rows units are split in contiguous ranges (thread j: [j*U/nth, (j+1)*U/nth)).
+// The join slot of group r split between two threads: the index of the thread that owns its second half
+// (unit 2r+1) when U = 2*n_groups units are split in contiguous ranges (thread j: [j*U/nth, (j+1)*U/nth)).
 static int64_t split_slot(int64_t r, int64_t n_units, int nth) {
     return ((2 * r + 2) * nth - 1) / n_units;
 }
@@ -503,16 +568,18 @@ enum ice_status ice_attn_forward(struct ice_attn_state * st, const struct ice_at
     if (rc != ICE_STATUS_OK) return rc;
     if ((dm.stream0 + dm.n_stream) * dm.n_head_kv > ICE_MAX_HEADS) return ICE_STATUS_UNSUPPORTED;
     const int64_t n_st = dm.n_stream * dm.n_tok;
+    // the work is split by GQA group (the query heads of one KV head, answered together) and token
+    const int64_t n_groups = n_st * dm.n_head_kv, U = 2 * n_groups;
     struct ice_thread * th = get_thread(st, ith);
     if (!th) {
         if (n_st < nth) {
-            // a row split with a neighbour still needs this thread's half: a failed one
-            static struct ice_half failed = { 0.0f, 0.0f, ICE_STATUS_NO_MEMORY, NULL, 0 };
-            const int64_t U = 2 * n_st * dm.n_head, u0 = ith * U / nth, u1 = (ith + 1) * U / nth;
+            // a group split with a neighbour still needs this thread's half: a failed one
+            static struct ice_half failed = { .status = ICE_STATUS_NO_MEMORY };
+            const int64_t u0 = ith * U / nth, u1 = (ith + 1) * U / nth;
             for (int which = 1; which >= 0 && u0 < u1; which--) {
-                const int64_t end = which ? u0 : u1, r = end / 2, u = r / dm.n_head;   // a split row: an odd end
-                if (end & 1) join_halves(st, split_slot(r, U, nth), &failed, which,
-                                         ice_out_row(io, u / dm.n_tok, u % dm.n_tok, r % dm.n_head), dm.d_v);
+                const int64_t end = which ? u0 : u1, r = end / 2, u = r / dm.n_head_kv;   // a split group: an odd end
+                if (end & 1) join_halves(st, split_slot(r, U, nth), &failed, which, io, u / dm.n_tok, u % dm.n_tok,
+                                         (r % dm.n_head_kv) * dm.gqa, dm.gqa, dm.d_v);
             }
         }
         return ICE_STATUS_NO_MEMORY;
@@ -523,29 +590,22 @@ enum ice_status ice_attn_forward(struct ice_attn_state * st, const struct ice_at
     if (n_st >= nth) {
         // (stream, token) units round-robin, all heads of a unit on one thread
         for (int64_t u = ith; u < n_st; u += nth) {
-            for (int64_t hq = 0; hq < dm.n_head; hq++) {
-                const int64_t last = (hq / dm.gqa + 1) * dm.gqa - 1;   // the group's last head
-                const enum ice_status r = forward_row(st, th, io, &dm, u / dm.n_tok, u % dm.n_tok, hq, last, ICE_HALVES, &pending);
+            for (int64_t hk = 0; hk < dm.n_head_kv; hk++) {
+                const enum ice_status r = forward_group(st, th, io, &dm, u / dm.n_tok, u % dm.n_tok, hk, ICE_HALVES, &pending);
                 if (r != ICE_STATUS_OK) rc = r;
             }
         }
         return rc;
     }
-    // each row two units (its halves), contiguous ranges of units: a thread shares at most the row at
-    // each end of its range with a neighbour. Consecutive query heads share a KV head (GQA), so they
-    // share one read of its ranking rows, and the K/V blocks one head reads are still in cache for the next
-    const int64_t n_rows = n_st * dm.n_head, U = 2 * n_rows;
+    // each group two units (its halves), contiguous ranges of units: a thread shares at most the group at
+    // each end of its range with a neighbour
     const int64_t u0 = ith * U / nth, u1 = (ith + 1) * U / nth;
     if (u0 == u1) return rc;
-    const int64_t r_last = (u1 - 1) / 2;
-    for (int64_t r = u0 / 2; r <= r_last; r++) {
+    for (int64_t r = u0 / 2; r <= (u1 - 1) / 2; r++) {
         const int parts = (2 * r >= u0 ? ICE_HALF_0 : 0) | (2 * r + 1 < u1 ? ICE_HALF_1 : 0);
-        const int64_t u = r / dm.n_head, hq = r % dm.n_head;
-        const int64_t group_end = r + ((hq / dm.gqa + 1) * dm.gqa - 1 - hq);   // row of the group's last head
-        const int64_t last = hq + ((group_end < r_last ? group_end : r_last) - r);
-        const int64_t s = u / dm.n_tok, t = u % dm.n_tok;
-        enum ice_status e = forward_row(st, th, io, &dm, s, t, hq, last, parts, &pending);
-        if (pending) e = join_halves(st, split_slot(r, U, nth), pending, parts == ICE_HALF_1, ice_out_row(io, s, t, hq), dm.d_v);
+        const int64_t u = r / dm.n_head_kv, hk = r % dm.n_head_kv, s = u / dm.n_tok, t = u % dm.n_tok;
+        enum ice_status e = forward_group(st, th, io, &dm, s, t, hk, parts, &pending);
+        if (pending) e = join_halves(st, split_slot(r, U, nth), pending, parts == ICE_HALF_1, io, s, t, hk * dm.gqa, dm.gqa, dm.d_v);
         if (e != ICE_STATUS_OK) rc = e;
     }
     return rc;

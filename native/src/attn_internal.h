@@ -44,12 +44,14 @@ struct ice_head {
     bool      has_sums;                      // bk and bv are up to date
 };
 
-// One half of a row's softmax (a row's attended cells are split in two at n/2, see attn.c): the
-// half's largest score, its sum of exp(score - m) and its unnormalised output.
+// One half of the softmax of the rows of a GQA group (a row's attended cells are split in two at n/2,
+// see attn.c), per head j < na: the half's largest score m[j], its sum of exp(score - m) s[j] and its
+// unnormalised output o + j*d_v.
 struct ice_half {
-    float m, s;
-    enum ice_status status;                  // not OK: the half failed (the row's output is zeroed)
-    float * o;          size_t o_cap;        // d_v floats
+    enum ice_status status;                  // not OK: the half failed (the rows' outputs are zeroed)
+    int64_t na;
+    float * m, * s, * o;                     // views into buf
+    float * buf;        size_t buf_cap;      // na*(d_v + 2) floats
 };
 
 // Per thread ith: grow-only scratch.
@@ -78,6 +80,8 @@ struct ice_thread {
     uint64_t  fwd_gen, run_gen;              // forward calls on this thread; the call the run was scored in
     int64_t   run_s, run_t, run_hk, run_h0, run_h1;
     int32_t * uni;      size_t uni_cap;      // union of attended cells
+    float   * gqa_q;    size_t gqa_q_cap;    // the query rows of a group answered in one pass
+    float   * gsc;      size_t gsc_cap;      // their scores, one half of the cells per head
     const int32_t * cells; int64_t n_cells;  // the cells the current row attends (vis or uni)
     uint32_t * stamp;   size_t stamp_cap;    // per cell: == gen when in the union
     uint32_t  gen;
@@ -85,8 +89,8 @@ struct ice_thread {
     int64_t * heap_i;   size_t heap_i_cap;
     float   * w;        size_t w_cap;        // tail: per-block weights
     float   * tmp;      size_t tmp_cap;
-    // halves of rows: [0] and [1] are this thread's share of a row split with another thread (read by
-    // that thread in join_halves), [2] and [3] the halves of rows computed here whole
+    // halves of groups: [0] and [1] are this thread's share of a group split with another thread (read
+    // by that thread in join_halves), [2] and [3] the halves of groups computed here whole
     struct ice_half half[4];
     // prepare
     float   * krow;     size_t krow_cap;     // one key and one value as f32
@@ -99,7 +103,7 @@ struct ice_attn_state {
     struct ice_attn_params p;
     struct ice_head   * heads[ICE_MAX_HEADS];
     struct ice_thread * threads[ICE_MAX_THREADS];
-    // forward: slot j joins the two halves of the row split between thread j (its second half) and the
+    // forward: slot j joins the two halves of the group split between thread j (its second half) and the
     // thread before it (atomic exchange; NULL between forward calls)
     struct ice_half   * join[ICE_MAX_THREADS];
 };
@@ -173,7 +177,7 @@ void ice_tail_block(struct ice_head * hd, const struct ice_kv * kv, int64_t b, f
 // -1 when out of memory. out must hold n_sel * block_size cells. bqk, bsp: this row's block scores
 // (ice_block_scores).
 int64_t ice_block_select(const struct ice_head * hd, const struct ice_kv * kv, struct ice_thread * th, int32_t n_sel,
-        const float * q, const float * bqk, const float * bsp, const int32_t * uni, int64_t nu, uint32_t gen,
+        int64_t na, const float * q, const float * bqk, const float * bsp, const int32_t * uni, int64_t nu, uint32_t gen,
         int32_t * out);
 // The two ranking dot products of every block (q . mean key into th->bqk, q^2 . variance into th->bsp,
 // na*n_blocks floats each, query j's at j*n_blocks) for the na query rows q (na*d_k floats) of one KV

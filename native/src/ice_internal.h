@@ -88,11 +88,14 @@ void  ice_dots_rows(const float * a, const char * base, size_t stride, enum ice_
         int64_t cnt, int64_t n, float * out);
 void  ice_axpys_rows(float * y, const float * w, const char * base, size_t stride, enum ice_type t,
         const int32_t * idx, int64_t cnt, int64_t n);
-// na queries (a: na*n floats, query j at a + j*n) against cnt contiguous rows:
-//   out[j*cnt + i] = a_j . row(i)      (out: na*cnt floats)
-// Each row is read once for all queries; query j's results do not depend on na.
+// The same rows for na queries or outputs at once, each row read (and converted) once for all:
+//   ice_dots_rows_multi:  out[j*cnt + i] = a_j . row(i)     (a: na*n floats, a_j at a + j*n; out: na*cnt)
+//   ice_axpys_rows_multi: y_j += sum_i w[j*cnt + i] * row(i)  (y: na*n floats, y_j at y + j*n; w: na*cnt)
+// Query (output) j's result does not depend on na.
 void  ice_dots_rows_multi(const float * a, int64_t na, const char * base, size_t stride, enum ice_type t,
-        int64_t cnt, int64_t n, float * out);
+        const int32_t * idx, int64_t cnt, int64_t n, float * out);
+void  ice_axpys_rows_multi(float * y, int64_t na, const float * w, const char * base, size_t stride, enum ice_type t,
+        const int32_t * idx, int64_t cnt, int64_t n);
 // Softmax numerators: x[i] = exp(x[i] - mx) for i < n, returns their sum. The vector variants use a
 // polynomial (relative error about 1e-7 against expf); arguments below -87.3 give 0.
 float ice_exp_sum(float * x, int64_t n, float mx);
@@ -109,6 +112,13 @@ static inline uint32_t ice_score_key(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+// The inverse of ice_score_key.
+static inline float ice_key_score(uint32_t k) {
+    const uint32_t u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
 }
 // Ranking keys of the coarse block search (tail.c), n blocks: for a block the row sees whole
 // (vis[b] == count[b] > 0) key[b] = ice_score_key(qk[b] + 2 sqrt(q2var[b])), else 0; a score

@@ -558,11 +558,11 @@ static void axpys_rows_avx512(float * y, const float * w, const char * base, siz
 // result never depends on how the caller groups its queries.
 __attribute__((target("avx512f"), always_inline))
 static inline void dots_multi_avx512_n(const float * a, int64_t na, const char * base, size_t stride,
-        enum ice_type t, int64_t cnt, int64_t nc, float * out, int64_t ostride) {
+        enum ice_type t, const int32_t * idx, int64_t cnt, int64_t nc, float * out, int64_t ostride) {
     static const float zero_row[256] = { 0 };   // f16 zero and f32 zero are both all-zero bits
     for (int64_t i = 0; i < cnt; i += 4) {
         const char * rp[4];
-        for (int r = 0; r < 4; r++) rp[r] = i + r < cnt ? base + (size_t)(i + r) * stride : (const char *)zero_row;
+        for (int r = 0; r < 4; r++) rp[r] = i + r < cnt ? base + (size_t)(idx ? idx[i + r] : i + r) * stride : (const char *)zero_row;
         __m512 acc[4][4];
 #pragma GCC unroll 4
         for (int j = 0; j < 4; j++) for (int r = 0; r < 4; r++) acc[j][r] = _mm512_setzero_ps();
@@ -590,10 +590,50 @@ static inline void dots_multi_avx512_n(const float * a, int64_t na, const char *
 
 __attribute__((target("avx512f")))
 static void dots_multi_avx512(const float * a, int64_t na, const char * base, size_t stride, enum ice_type t,
-        int64_t cnt, int64_t n, float * out, int64_t ostride) {
-    if (n == 64) dots_multi_avx512_n(a, na, base, stride, t, cnt, 4, out, ostride);
-    else if (n == 128) dots_multi_avx512_n(a, na, base, stride, t, cnt, 8, out, ostride);
-    else dots_multi_avx512_n(a, na, base, stride, t, cnt, n / 16, out, ostride);
+        const int32_t * idx, int64_t cnt, int64_t n, float * out, int64_t ostride) {
+    if (n == 64) dots_multi_avx512_n(a, na, base, stride, t, idx, cnt, 4, out, ostride);
+    else if (n == 128) dots_multi_avx512_n(a, na, base, stride, t, idx, cnt, 8, out, ostride);
+    else dots_multi_avx512_n(a, na, base, stride, t, idx, cnt, n / 16, out, ostride);
+}
+
+// Weighted sums of the same rows for na outputs (na * nc <= 16 accumulators), each row loaded and
+// converted once for all of them. Output j's sum is one FMA chain in row order whatever na is.
+__attribute__((target("avx512f"), always_inline))
+static inline void axpys_multi_avx512_n(float * y, int64_t na, const float * w, int64_t wstride, const char * base,
+        size_t stride, enum ice_type t, const int32_t * idx, int64_t cnt, int64_t nc) {
+    __m512 acc[16] = { 0 };
+    for (int64_t j = 0; j < na; j++) for (int64_t c = 0; c < nc; c++) acc[j * nc + c] = _mm512_loadu_ps(y + j * 16 * nc + 16 * c);
+    for (int64_t i = 0; i < cnt; i++) {
+        const char * row = base + (size_t)(idx ? idx[i] : i) * stride;
+        __m512 x[16] = { 0 };   // initialised: only nc are used, the compiler cannot tell
+#pragma GCC unroll 16
+        for (int64_t c = 0; c < nc; c++) x[c] = load16(row, t, 16 * c);
+#pragma GCC unroll 4
+        for (int64_t j = 0; j < na; j++) {
+            const __m512 wv = _mm512_set1_ps(w[j * wstride + i]);
+#pragma GCC unroll 16
+            for (int64_t c = 0; c < nc; c++) acc[j * nc + c] = _mm512_fmadd_ps(wv, x[c], acc[j * nc + c]);
+        }
+    }
+    for (int64_t j = 0; j < na; j++) for (int64_t c = 0; c < nc; c++) _mm512_storeu_ps(y + j * 16 * nc + 16 * c, acc[j * nc + c]);
+}
+
+// Head sizes 64 (four outputs a pass) and 128 (two) unrolled with constant counts; others one at a time.
+__attribute__((target("avx512f")))
+static void axpys_multi_avx512(float * y, int64_t na, const float * w, int64_t wstride, const char * base, size_t stride,
+        enum ice_type t, const int32_t * idx, int64_t cnt, int64_t n) {
+    const int64_t per = n == 64 ? 4 : n == 128 ? 2 : 1;
+    for (int64_t j0 = 0; j0 < na; j0 += per) {
+        const int64_t m = na - j0 < per ? na - j0 : per;
+        float * yj = y + j0 * n;
+        const float * wj = w + j0 * wstride;
+        if (n == 64 && m == 4) axpys_multi_avx512_n(yj, 4, wj, wstride, base, stride, t, idx, cnt, 4);
+        else if (n == 64 && m == 3) axpys_multi_avx512_n(yj, 3, wj, wstride, base, stride, t, idx, cnt, 4);
+        else if (n == 64) axpys_multi_avx512_n(yj, m, wj, wstride, base, stride, t, idx, cnt, 4);
+        else if (n == 128 && m == 2) axpys_multi_avx512_n(yj, 2, wj, wstride, base, stride, t, idx, cnt, 8);
+        else if (n == 128) axpys_multi_avx512_n(yj, 1, wj, wstride, base, stride, t, idx, cnt, 8);
+        else axpys_multi_avx512_n(yj, 1, wj, wstride, base, stride, t, idx, cnt, n / 16);
+    }
 }
 #endif
 
@@ -708,14 +748,22 @@ void ice_dots_rows(const float * a, const char * base, size_t stride, enum ice_t
 }
 
 void ice_dots_rows_multi(const float * a, int64_t na, const char * base, size_t stride, enum ice_type t,
-        int64_t cnt, int64_t n, float * out) {
+        const int32_t * idx, int64_t cnt, int64_t n, float * out) {
     for (int64_t j0 = 0; j0 < na; j0 += 4) {
         const int64_t m = na - j0 < 4 ? na - j0 : 4;
 #ifdef ICE_X86_DISPATCH
-        if (batched_avx512(n)) { dots_multi_avx512(a + j0 * n, m, base, stride, t, cnt, n, out + j0 * cnt, cnt); continue; }
+        if (batched_avx512(n)) { dots_multi_avx512(a + j0 * n, m, base, stride, t, idx, cnt, n, out + j0 * cnt, cnt); continue; }
 #endif
-        for (int64_t j = j0; j < j0 + m; j++) ice_dots_rows(a + j * n, base, stride, t, NULL, cnt, n, out + j * cnt);
+        for (int64_t j = j0; j < j0 + m; j++) ice_dots_rows(a + j * n, base, stride, t, idx, cnt, n, out + j * cnt);
     }
+}
+
+void ice_axpys_rows_multi(float * y, int64_t na, const float * w, const char * base, size_t stride, enum ice_type t,
+        const int32_t * idx, int64_t cnt, int64_t n) {
+#ifdef ICE_X86_DISPATCH
+    if (batched_avx512(n)) { axpys_multi_avx512(y, na, w, cnt, base, stride, t, idx, cnt, n); return; }
+#endif
+    for (int64_t j = 0; j < na; j++) ice_axpys_rows(y + j * n, w + j * cnt, base, stride, t, idx, cnt, n);
 }
 
 void ice_axpys_rows(float * y, const float * w, const char * base, size_t stride, enum ice_type t,
