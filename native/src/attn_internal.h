@@ -36,8 +36,9 @@ struct ice_head {
     int32_t * bcount;   size_t bcount_cap;   // n_blocks: cells per block (B, or fewer for the last)
     // ranking rows in fp16: the block search reads them for every row, and at decode that read is
     // bound by memory traffic more than arithmetic (half the bytes of f32; 3-4% faster decoding at 8k)
-    uint16_t * rmean;   size_t rmean_cap;    // n_blocks*d_k: mean key (fp16)
-    uint16_t * rvar;    size_t rvar_cap;     // n_blocks*d_k: per-dimension variance of the block's keys (fp16)
+    // (tiled, ice_tile_at: ICE_TILE blocks' element d side by side, so one vector holds 16 blocks' terms)
+    uint16_t * rmean;   size_t rmean_cap;    // n_blocks (rounded up to ICE_TILE) * d_k: mean key (fp16)
+    uint16_t * rvar;    size_t rvar_cap;     // the same: per-dimension variance of the block's keys (fp16)
     // exact sums for the tail estimate, kept only while it is on (it subtracts union keys from them)
     float   * bk;       size_t bk_cap;       // n_blocks*d_k: sum of keys
     float   * bv;       size_t bv_cap;       // n_blocks*d_v: sum of values

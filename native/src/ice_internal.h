@@ -88,14 +88,21 @@ void  ice_dots_rows(const float * a, const char * base, size_t stride, enum ice_
         int64_t cnt, int64_t n, float * out);
 void  ice_axpys_rows(float * y, const float * w, const char * base, size_t stride, enum ice_type t,
         const int32_t * idx, int64_t cnt, int64_t n);
-// The same rows for na queries or outputs at once, each row read (and converted) once for all:
-//   ice_dots_rows_multi:  out[j*cnt + i] = a_j . row(i)     (a: na*n floats, a_j at a + j*n; out: na*cnt)
-//   ice_axpys_rows_multi: y_j += sum_i w[j*cnt + i] * row(i)  (y: na*n floats, y_j at y + j*n; w: na*cnt)
-// Query (output) j's result does not depend on na.
-void  ice_dots_rows_multi(const float * a, int64_t na, const char * base, size_t stride, enum ice_type t,
-        const int32_t * idx, int64_t cnt, int64_t n, float * out);
+// The same rows for na outputs at once, each row read (and converted) once for all:
+//   y_j += sum_i w[j*cnt + i] * row(i)    (y: na*n floats, y_j at y + j*n; w: na*cnt floats)
+// Output j's result does not depend on na.
 void  ice_axpys_rows_multi(float * y, int64_t na, const float * w, const char * base, size_t stride, enum ice_type t,
         const int32_t * idx, int64_t cnt, int64_t n);
+// Rows stored in tiles of ICE_TILE rows, element-major within a tile: element d of row i at
+// tiles[(i / ICE_TILE) * n * ICE_TILE + d * ICE_TILE + i % ICE_TILE] (fp16; the last tile padded to
+// ICE_TILE rows). A vector of ICE_TILE rows' elements times one query element needs no horizontal sums.
+#define ICE_TILE 16
+static inline size_t ice_tile_at(int64_t i, int64_t d, int64_t n) {
+    return (size_t)((i / ICE_TILE) * n * ICE_TILE + d * ICE_TILE + i % ICE_TILE);
+}
+//   out[j*cnt + i] = a_j . row(i), i < cnt, for na queries (a: na*n floats); padding rows are not read
+//   into out (their lanes are computed and dropped).
+void  ice_dots_tiles(const float * a, int64_t na, const uint16_t * tiles, int64_t cnt, int64_t n, float * out);
 // Softmax numerators: x[i] = exp(x[i] - mx) for i < n, returns their sum. The vector variants use a
 // polynomial (relative error about 1e-7 against expf); arguments below -87.3 give 0.
 float ice_exp_sum(float * x, int64_t n, float mx);

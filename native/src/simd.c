@@ -75,6 +75,17 @@ static int64_t count_ge_scalar(const uint32_t * key, int64_t i, int64_t n, uint3
     return c;
 }
 
+static void dots_tiles_scalar(const float * a, int64_t na, const uint16_t * tiles, int64_t cnt, int64_t n, float * out) {
+    for (int64_t j = 0; j < na; j++) {
+        for (int64_t i = 0; i < cnt; i++) {
+            const uint16_t * col = tiles + (i / ICE_TILE) * n * ICE_TILE + i % ICE_TILE;
+            float acc = 0.0f;
+            for (int64_t d = 0; d < n; d++) acc += a[j * n + d] * ice_f16_to_f32(col[d * ICE_TILE]);
+            out[j * cnt + i] = acc;
+        }
+    }
+}
+
 static void dots_rows_generic(const float * a, const char * base, size_t stride, enum ice_type t, const int32_t * idx,
         int64_t cnt, int64_t n, float * out) {
     const struct ice_rows rows = { base, t, stride };
@@ -274,6 +285,57 @@ static void axpys_rows_avx2(float * y, const float * w, const char * base, size_
     else axpys_rows_avx2_n(y, w, base, stride, t, idx, cnt, n / 8);
 }
 
+// Tiled rows (ICE_TILE = 16 rows per tile, element d of the tile's rows contiguous): a query
+// element times one vector of row elements, no horizontal sums. m <= 4 queries a pass (a constant where
+// inlined) share each conversion; one accumulator chain per query and half tile, two for a lone query
+// (d even / odd), so the FMAs do not wait on each other.
+__attribute__((target("avx2,fma,f16c"), always_inline))
+static inline void dots_tiles_avx2_m(const float * a, int m, const uint16_t * tiles, int64_t cnt, int64_t n,
+        float * out, int64_t ostride) {
+    const int E = m == 1 ? 2 : 1;
+    for (int64_t i = 0; i < cnt; i += ICE_TILE) {
+        const uint16_t * tile = tiles + (i / ICE_TILE) * n * ICE_TILE;
+        __m256 acc[4][2][2];   // [query][half][chain]
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) for (int hh = 0; hh < 2; hh++) for (int e = 0; e < 2; e++) acc[j][hh][e] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < n; d += 2) {
+#pragma GCC unroll 2
+            for (int e = 0; e < 2; e++) {
+                const uint16_t * row = tile + (d + e) * ICE_TILE;
+                const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)row));
+                const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(row + 8)));
+                const int c = E == 2 ? e : 0;
+#pragma GCC unroll 4
+                for (int j = 0; j < m; j++) {
+                    const __m256 bj = _mm256_broadcast_ss(a + j * n + d + e);
+                    acc[j][0][c] = _mm256_fmadd_ps(bj, lo, acc[j][0][c]);
+                    acc[j][1][c] = _mm256_fmadd_ps(bj, hi, acc[j][1][c]);
+                }
+            }
+        }
+        const int64_t k = cnt - i < ICE_TILE ? cnt - i : ICE_TILE;
+        for (int j = 0; j < m; j++) {
+            float r[ICE_TILE];
+            _mm256_storeu_ps(r, _mm256_add_ps(acc[j][0][0], acc[j][0][1]));
+            _mm256_storeu_ps(r + 8, _mm256_add_ps(acc[j][1][0], acc[j][1][1]));
+            memcpy(out + j * ostride + i, r, (size_t)k * sizeof(float));
+        }
+    }
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static void dots_tiles_avx2(const float * a, int64_t na, const uint16_t * tiles, int64_t cnt, int64_t n, float * out) {
+    for (int64_t j0 = 0; j0 < na; j0 += 4) {
+        const int64_t m = na - j0 < 4 ? na - j0 : 4;
+        const float * aj = a + j0 * n;
+        float * oj = out + j0 * cnt;
+        if (m == 4) dots_tiles_avx2_m(aj, 4, tiles, cnt, n, oj, cnt);
+        else if (m == 3) dots_tiles_avx2_m(aj, 3, tiles, cnt, n, oj, cnt);
+        else if (m == 2) dots_tiles_avx2_m(aj, 2, tiles, cnt, n, oj, cnt);
+        else dots_tiles_avx2_m(aj, 1, tiles, cnt, n, oj, cnt);
+    }
+}
+
 // Visible cells of an f16 mask row, eight at a time: an all-visible group (the common case: causal rows,
 // one sequence) is stored as a vector, others cell by cell. Writes up to 7 entries past the count.
 __attribute__((target("avx2")))
@@ -461,6 +523,45 @@ static int64_t visible_f16_avx512(const uint16_t * m, int64_t j0, int64_t j1, in
     return nv + visible_f16_scalar(m, j, j1, out + nv);
 }
 
+// Tiled rows (see dots_tiles_avx2): m <= 4 queries a pass (a constant where inlined), four accumulator
+// chains each (d mod 4).
+__attribute__((target("avx512f"), always_inline))
+static inline void dots_tiles_avx512_m(const float * a, int m, const uint16_t * tiles, int64_t cnt, int64_t n,
+        float * out, int64_t ostride) {
+    for (int64_t i = 0; i < cnt; i += ICE_TILE) {
+        const uint16_t * tile = tiles + (i / ICE_TILE) * n * ICE_TILE;
+        __m512 acc[4][4];   // [query][chain]
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) for (int e = 0; e < 4; e++) acc[j][e] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < n; d += 4) {
+#pragma GCC unroll 4
+            for (int e = 0; e < 4; e++) {
+                const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(tile + (d + e) * ICE_TILE)));
+#pragma GCC unroll 4
+                for (int j = 0; j < m; j++) acc[j][e] = _mm512_fmadd_ps(_mm512_set1_ps(a[j * n + d + e]), x, acc[j][e]);
+            }
+        }
+        const __mmask16 keep = cnt - i >= ICE_TILE ? (__mmask16)0xffff : (__mmask16)((1u << (cnt - i)) - 1);
+        for (int j = 0; j < m; j++) {
+            const __m512 r = _mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]), _mm512_add_ps(acc[j][2], acc[j][3]));
+            _mm512_mask_storeu_ps(out + j * ostride + i, keep, r);
+        }
+    }
+}
+
+__attribute__((target("avx512f")))
+static void dots_tiles_avx512(const float * a, int64_t na, const uint16_t * tiles, int64_t cnt, int64_t n, float * out) {
+    for (int64_t j0 = 0; j0 < na; j0 += 4) {
+        const int64_t m = na - j0 < 4 ? na - j0 : 4;
+        const float * aj = a + j0 * n;
+        float * oj = out + j0 * cnt;
+        if (m == 4) dots_tiles_avx512_m(aj, 4, tiles, cnt, n, oj, cnt);
+        else if (m == 3) dots_tiles_avx512_m(aj, 3, tiles, cnt, n, oj, cnt);
+        else if (m == 2) dots_tiles_avx512_m(aj, 2, tiles, cnt, n, oj, cnt);
+        else dots_tiles_avx512_m(aj, 1, tiles, cnt, n, oj, cnt);
+    }
+}
+
 // Batched forms for rows of 16k elements: the query (resp. the output) stays in registers across
 // rows, and eight dot products share one horizontal reduction.
 __attribute__((target("avx512f")))
@@ -550,50 +651,6 @@ static void axpys_rows_avx512(float * y, const float * w, const char * base, siz
     if (n == 64) axpys_rows_avx512_n(y, w, base, stride, t, idx, cnt, 4);
     else if (n == 128) axpys_rows_avx512_n(y, w, base, stride, t, idx, cnt, 8);
     else axpys_rows_avx512_n(y, w, base, stride, t, idx, cnt, n / 16);
-}
-
-// Up to four queries against the same contiguous rows, four rows at a time: each row is loaded and
-// converted once for all queries. A query's dot products take the same operations whichever queries
-// share the pass (and the last rows are padded with a zero row, not taken by another path), so a
-// result never depends on how the caller groups its queries.
-__attribute__((target("avx512f"), always_inline))
-static inline void dots_multi_avx512_n(const float * a, int64_t na, const char * base, size_t stride,
-        enum ice_type t, const int32_t * idx, int64_t cnt, int64_t nc, float * out, int64_t ostride) {
-    static const float zero_row[256] = { 0 };   // f16 zero and f32 zero are both all-zero bits
-    for (int64_t i = 0; i < cnt; i += 4) {
-        const char * rp[4];
-        for (int r = 0; r < 4; r++) rp[r] = i + r < cnt ? base + (size_t)(idx ? idx[i + r] : i + r) * stride : (const char *)zero_row;
-        __m512 acc[4][4];
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; j++) for (int r = 0; r < 4; r++) acc[j][r] = _mm512_setzero_ps();
-#pragma GCC unroll 8
-        for (int64_t c = 0; c < nc; c++) {
-#pragma GCC unroll 4
-            for (int r = 0; r < 4; r++) {
-                const __m512 x = load16(rp[r], t, 16 * c);
-#pragma GCC unroll 4
-                for (int j = 0; j < 4; j++) if (j < na) acc[j][r] = _mm512_fmadd_ps(_mm512_loadu_ps(a + j * 16 * nc + 16 * c), x, acc[j][r]);
-            }
-        }
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; j++) {
-            if (j >= na) break;
-            const __m256 t0 = _mm256_hadd_ps(half_sum(acc[j][0]), half_sum(acc[j][1]));
-            const __m256 t1 = _mm256_hadd_ps(half_sum(acc[j][2]), half_sum(acc[j][3]));
-            const __m256 u = _mm256_hadd_ps(t0, t1);   // lanes 0-3: rows 0-3 (low halves), 4-7: high halves
-            float s[4];
-            _mm_storeu_ps(s, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
-            for (int r = 0; r < 4 && i + r < cnt; r++) out[j * ostride + i + r] = s[r];
-        }
-    }
-}
-
-__attribute__((target("avx512f")))
-static void dots_multi_avx512(const float * a, int64_t na, const char * base, size_t stride, enum ice_type t,
-        const int32_t * idx, int64_t cnt, int64_t n, float * out, int64_t ostride) {
-    if (n == 64) dots_multi_avx512_n(a, na, base, stride, t, idx, cnt, 4, out, ostride);
-    else if (n == 128) dots_multi_avx512_n(a, na, base, stride, t, idx, cnt, 8, out, ostride);
-    else dots_multi_avx512_n(a, na, base, stride, t, idx, cnt, n / 16, out, ostride);
 }
 
 // Weighted sums of the same rows for na outputs (na * nc <= 16 accumulators), each row loaded and
@@ -747,15 +804,12 @@ void ice_dots_rows(const float * a, const char * base, size_t stride, enum ice_t
     dots_rows_generic(a, base, stride, t, idx, cnt, n, out);
 }
 
-void ice_dots_rows_multi(const float * a, int64_t na, const char * base, size_t stride, enum ice_type t,
-        const int32_t * idx, int64_t cnt, int64_t n, float * out) {
-    for (int64_t j0 = 0; j0 < na; j0 += 4) {
-        const int64_t m = na - j0 < 4 ? na - j0 : 4;
+void ice_dots_tiles(const float * a, int64_t na, const uint16_t * tiles, int64_t cnt, int64_t n, float * out) {
 #ifdef ICE_X86_DISPATCH
-        if (batched_avx512(n)) { dots_multi_avx512(a + j0 * n, m, base, stride, t, idx, cnt, n, out + j0 * cnt, cnt); continue; }
+    if (simd_level() == LVL_AVX512 && n % 4 == 0) { dots_tiles_avx512(a, na, tiles, cnt, n, out); return; }
+    if (simd_level() == LVL_AVX2 && n % 2 == 0) { dots_tiles_avx2(a, na, tiles, cnt, n, out); return; }
 #endif
-        for (int64_t j = j0; j < j0 + m; j++) ice_dots_rows(a + j * n, base, stride, t, idx, cnt, n, out + j * cnt);
-    }
+    dots_tiles_scalar(a, na, tiles, cnt, n, out);
 }
 
 void ice_axpys_rows_multi(float * y, int64_t na, const float * w, const char * base, size_t stride, enum ice_type t,

@@ -41,10 +41,9 @@ void ice_tail_block(struct ice_head * h, const struct ice_kv * kv, int64_t b, fl
         else memcpy(krow, kp, (size_t)dk * sizeof(float));
         for (int64_t d = 0; d < dk; d++) { const float x = krow[d] - sum[d] * inv; var[d] += x * x; }
     }
-    uint16_t * rmean = h->rmean + b * dk, * rvar = h->rvar + b * dk;
     for (int64_t d = 0; d < dk; d++) {
-        rmean[d] = ice_f32_to_f16_sat(sum[d] * inv);
-        rvar[d] = ice_f32_to_f16_sat(var[d] * inv);
+        h->rmean[ice_tile_at(b, d, dk)] = ice_f32_to_f16_sat(sum[d] * inv);
+        h->rvar[ice_tile_at(b, d, dk)] = ice_f32_to_f16_sat(var[d] * inv);
     }
     if (h->has_sums) memcpy(h->bk + b * dk, sum, (size_t)dk * sizeof(float));
 }
@@ -72,9 +71,9 @@ int ice_block_scores(const struct ice_head * h, struct ice_thread * th, const fl
     if (ICE_RESERVE(&th->bqk, &th->bqk_cap, na * nb + 1, 0) || ICE_RESERVE(&th->bsp, &th->bsp_cap, na * nb + 1, 0) ||
         ICE_RESERVE(&th->q2, &th->q2_cap, na * dk, 0)) return -1;
     for (int64_t i = 0; i < na * dk; i++) th->q2[i] = q[i] * q[i];
-    // two passes over the contiguous fp16 ranking rows, each row read once for all na queries
-    ice_dots_rows_multi(q, na, (const char *)h->rmean, (size_t)dk * sizeof(uint16_t), ICE_TYPE_F16, NULL, nb, dk, th->bqk);
-    ice_dots_rows_multi(th->q2, na, (const char *)h->rvar, (size_t)dk * sizeof(uint16_t), ICE_TYPE_F16, NULL, nb, dk, th->bsp);
+    // two passes over the tiled fp16 ranking rows, each tile read once for all na queries
+    ice_dots_tiles(q, na, h->rmean, nb, dk, th->bqk);
+    ice_dots_tiles(th->q2, na, h->rvar, nb, dk, th->bsp);
     return 0;
 }
 
