@@ -223,9 +223,12 @@ enum ice_status ice_attn_state_set_params(struct ice_attn_state * state, const s
 // (llama.cpp guarantees this by making phase 2 a graph node that depends on phase 1).
 enum ice_status ice_attn_prepare(struct ice_attn_state * state, const struct ice_attn_io * io, int ith, int nth);
 
-// Phase 2: writes io->out. Rows are split over threads ith of nth; with fewer rows than 2*nth, a row's
-// two halves may fall to two threads, and whichever finishes second writes the row (no barrier: the
-// threads may run concurrently or one after another, but all nth must be called for each io).
+// Phase 2: writes io->out. The work is split over threads ith of nth by (token, GQA group): the query
+// heads of one KV head are answered together (in one pass over their cells when they attend the same
+// ones: group_blocks, or no block search, and no k-NN search or tail estimate). With fewer groups than
+// 2*nth, a group's two halves of cells may fall to two threads, and whichever finishes second writes
+// its rows (no barrier: the threads may run concurrently or one after another, but all nth must be
+// called for each io). The output does not depend on nth.
 enum ice_status ice_attn_forward(struct ice_attn_state * state, const struct ice_attn_io * io, int ith, int nth);
 
 // Exact dense attention with the same io (the reference path; also used for dense layers

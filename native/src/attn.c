@@ -4,10 +4,12 @@
 // over the cache's cells (and a DCI index for k-NN search) up to date: rebuilt from the views, or,
 // when the caller's cache versions say nothing but this op's writes changed the stream since the
 // state's last update, recomputed only for the blocks of the cells this evaluation writes. Keys and values are always read in place (f16).
-// forward: rows (stream, token, head) are split over threads; every row is computed the
-// same way whatever thread runs it, so the output does not depend on nth. A row's attended cells are
-// taken in two halves merged at the end, always; with fewer rows than twice the threads (decoding) a
-// row's halves may run on two threads, so that nine heads keep two threads equally busy.
+// forward: (stream, token, GQA group) units are split over threads; a group's query heads share their
+// KV head's block scores and, when they attend the same cells, one pass over those cells (each V row
+// read once for the group). Every row is computed the same way whatever thread runs it, so the output
+// does not depend on nth. A row's attended cells are taken in two halves merged at the end, always; with
+// fewer groups than twice the threads (decoding) a group's halves may run on two threads, so that three
+// groups keep two threads equally busy.
 
 #include "attn_internal.h"
 
