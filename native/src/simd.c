@@ -285,6 +285,19 @@ static void axpys_rows_avx2(float * y, const float * w, const char * base, size_
     else axpys_rows_avx2_n(y, w, base, stride, t, idx, cnt, n / 8);
 }
 
+// Queries four at a time, each pass an instance of FN with a constant query count m (1..4), so its
+// accumulators stay in registers.
+#define ICE_TILES_BY_FOUR(FN)                                                                             \
+    for (int64_t j0 = 0; j0 < na; j0 += 4) {                                                              \
+        const int64_t m = na - j0 < 4 ? na - j0 : 4;                                                      \
+        const float * aj = a + j0 * n;                                                                    \
+        float * oj = out + j0 * cnt;                                                                      \
+        if (m == 4) FN(aj, 4, tiles, cnt, n, oj, cnt);                                                    \
+        else if (m == 3) FN(aj, 3, tiles, cnt, n, oj, cnt);                                               \
+        else if (m == 2) FN(aj, 2, tiles, cnt, n, oj, cnt);                                               \
+        else FN(aj, 1, tiles, cnt, n, oj, cnt);                                                           \
+    }
+
 // Tiled rows (ICE_TILE = 16 rows per tile, element d of the tile's rows contiguous): a query
 // element times one vector of row elements, no horizontal sums. m <= 4 queries a pass (a constant where
 // inlined) share each conversion; one accumulator chain per query and half tile, two for a lone query
@@ -325,15 +338,7 @@ static inline void dots_tiles_avx2_m(const float * a, int m, const uint16_t * ti
 
 __attribute__((target("avx2,fma,f16c")))
 static void dots_tiles_avx2(const float * a, int64_t na, const uint16_t * tiles, int64_t cnt, int64_t n, float * out) {
-    for (int64_t j0 = 0; j0 < na; j0 += 4) {
-        const int64_t m = na - j0 < 4 ? na - j0 : 4;
-        const float * aj = a + j0 * n;
-        float * oj = out + j0 * cnt;
-        if (m == 4) dots_tiles_avx2_m(aj, 4, tiles, cnt, n, oj, cnt);
-        else if (m == 3) dots_tiles_avx2_m(aj, 3, tiles, cnt, n, oj, cnt);
-        else if (m == 2) dots_tiles_avx2_m(aj, 2, tiles, cnt, n, oj, cnt);
-        else dots_tiles_avx2_m(aj, 1, tiles, cnt, n, oj, cnt);
-    }
+    ICE_TILES_BY_FOUR(dots_tiles_avx2_m)
 }
 
 // Visible cells of an f16 mask row, eight at a time: an all-visible group (the common case: causal rows,
@@ -551,15 +556,7 @@ static inline void dots_tiles_avx512_m(const float * a, int m, const uint16_t * 
 
 __attribute__((target("avx512f")))
 static void dots_tiles_avx512(const float * a, int64_t na, const uint16_t * tiles, int64_t cnt, int64_t n, float * out) {
-    for (int64_t j0 = 0; j0 < na; j0 += 4) {
-        const int64_t m = na - j0 < 4 ? na - j0 : 4;
-        const float * aj = a + j0 * n;
-        float * oj = out + j0 * cnt;
-        if (m == 4) dots_tiles_avx512_m(aj, 4, tiles, cnt, n, oj, cnt);
-        else if (m == 3) dots_tiles_avx512_m(aj, 3, tiles, cnt, n, oj, cnt);
-        else if (m == 2) dots_tiles_avx512_m(aj, 2, tiles, cnt, n, oj, cnt);
-        else dots_tiles_avx512_m(aj, 1, tiles, cnt, n, oj, cnt);
-    }
+    ICE_TILES_BY_FOUR(dots_tiles_avx512_m)
 }
 
 // Batched forms for rows of 16k elements: the query (resp. the output) stays in registers across
