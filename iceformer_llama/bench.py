@@ -138,7 +138,7 @@ def settings_flags(settings: IceformerSettings) -> list[str]:
         kind = f.metadata["kind"]
         if kind is bool:
             text = "on" if value else "off"
-        elif kind == "layers":
+        elif kind in ("layers", "budgets"):
             text = ",".join(map(str, value)) or "none"
         else:
             text = str(value)

@@ -49,7 +49,7 @@ def _field_names() -> dict[str, dataclasses.Field]:
 
 def _knob_value(f: dataclasses.Field, value):
     kind = f.metadata["kind"]
-    if kind == "layers":
+    if kind in ("layers", "budgets"):
         if isinstance(value, str):
             value = [int(x) for x in value.replace("+", ";").split(";") if x.strip() and x.strip() != "none"]
         return tuple(int(x) for x in value)
@@ -68,7 +68,7 @@ def variant_overrides(spec) -> dict:
     """`top_blocks=8,block_size=32` (or a dict) -> {"top_blocks": 8, "block_size": 32}.
 
     Names are IceformerSettings fields or their flags (top-k, sinks, dci-l); dense_layers separates
-    layers with '+' (`dense_layers=0+1`)."""
+    layers with '+' (`dense_layers=0+1`), and so does layer_budget (`layer_budget=100+150`)."""
     if isinstance(spec, str):
         pairs = {}
         for item in filter(None, (s.strip() for s in spec.split(","))):

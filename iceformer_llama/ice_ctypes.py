@@ -9,11 +9,13 @@ from .settings import IceformerSettings
 
 LLAMA_ATTN_MODE_DENSE = 0
 LLAMA_ATTN_MODE_ICEFORMER = 1
+MAX_LAYERS = 256  # LLAMA_ICEFORMER_MAX_LAYERS
 MODES = {"dense": LLAMA_ATTN_MODE_DENSE, "iceformer": LLAMA_ATTN_MODE_ICEFORMER}
 
 
 class llama_iceformer_params(ctypes.Structure):
-    # struct llama_iceformer_params { enum llama_attn_mode mode; int32_t top_k; ... bool tail_estimate; bool persistent; bool group_blocks; };
+    # struct llama_iceformer_params { enum llama_attn_mode mode; int32_t top_k; ... bool group_blocks;
+    #                                 uint16_t layer_budget[LLAMA_ICEFORMER_MAX_LAYERS]; };
     _fields_ = [
         ("mode", ctypes.c_int),
         ("top_k", ctypes.c_int32),
@@ -32,6 +34,7 @@ class llama_iceformer_params(ctypes.Structure):
         ("tail_estimate", ctypes.c_bool),
         ("persistent", ctypes.c_bool),
         ("group_blocks", ctypes.c_bool),
+        ("layer_budget", ctypes.c_uint16 * MAX_LAYERS),
     ]
 
 
@@ -72,6 +75,9 @@ class IceformerAPI:
                     words[layer // 64] |= 1 << (layer % 64)
                 for i in range(4):
                     p.dense_layers[i] = words[i]
+            elif name == "layer_budget":
+                for layer, percent in enumerate(value):   # layers past the list keep the default (100)
+                    p.layer_budget[layer] = percent
             else:
                 setattr(p, name, value)
         return p
@@ -83,9 +89,11 @@ class IceformerAPI:
 
     def get(self, ctx) -> dict:
         p = self._get(ctx)
-        out = {f[0]: getattr(p, f[0]) for f in llama_iceformer_params._fields_ if f[0] != "dense_layers"}
+        out = {f[0]: getattr(p, f[0]) for f in llama_iceformer_params._fields_
+               if f[0] not in ("dense_layers", "layer_budget")}
         out["mode"] = {v: k for k, v in MODES.items()}[out["mode"]]
-        out["dense_layers"] = [i for i in range(256) if (p.dense_layers[i // 64] >> (i % 64)) & 1]
+        out["dense_layers"] = [i for i in range(MAX_LAYERS) if (p.dense_layers[i // 64] >> (i % 64)) & 1]
+        out["layer_budget"] = list(p.layer_budget)
         return out
 
     def memory(self, ctx) -> int:

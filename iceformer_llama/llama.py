@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 
 from . import backend
 from .errors import BackendError, UsageError
+from .profiles import layer_budget_for
 from .settings import ATTENTION_MODES, IceformerSettings
 
 # Methods and properties forwarded unchanged to the wrapped llama_cpp.Llama.
@@ -62,12 +64,19 @@ class Llama:
             self.set_attention(attention, iceformer)
 
     def set_attention(self, attention: str, iceformer: IceformerSettings | None = None) -> None:
-        """Switches attention between decode calls, without reloading the model."""
+        """Switches attention between decode calls, without reloading the model.
+
+        Unless the settings name a layer_budget, the model's measured per-layer budget applies
+        (profiles.py); `layer_budget=()` turns it off."""
         settings = iceformer or IceformerSettings()
         if attention == "iceformer" and self.backend != "patched":
             raise BackendError("iceformer attention needs the patched backend")
         if self.backend == "patched":
-            backend.iceformer_api().set(self._llm.ctx, attention, settings)
+            effective = settings
+            profile = layer_budget_for(self.model_info)
+            if settings.layer_budget is None and profile is not None:
+                effective = dataclasses.replace(settings, layer_budget=profile)
+            backend.iceformer_api().set(self._llm.ctx, attention, effective)
         self.attention, self.iceformer_settings = attention, settings
 
     def attention_params(self) -> dict:

@@ -12,12 +12,14 @@ import dataclasses
 from dataclasses import dataclass, field
 
 ATTENTION_MODES = ("dense", "iceformer")
+MAX_LAYERS = 256          # LLAMA_ICEFORMER_MAX_LAYERS (patch 0001)
+MAX_LAYER_BUDGET = 1000   # LLAMA_ICEFORMER_MAX_LAYER_BUDGET
 
 # The latency knob: one number from most exact (1) to fastest (8), chosen at any time without reloading
 # the model (Latency Adjustable Transformer style). Each level sets the kernel's budgets: the blocks of
 # block_size (16) keys attended exactly per GQA group (top_blocks, chosen together by the group's query
 # heads) and the recent window; sinks (4), dense layers (none) and the tail estimate (off) stay at the
-# library defaults. Levels were chosen from measurements on the bundled model (README, "Latency knob"); a
+# library defaults, and a model's per-layer budget (profiles.py) shares top_blocks out among its layers. Levels were chosen from measurements on the bundled model (README, "Latency knob"); a
 # knob set explicitly beside --speed wins over the level's value. The library default is level
 # DEFAULT_SPEED: the fastest level measured within +1% perplexity of dense (and >= 98% top-1 agreement)
 # at 4k and 8k tokens.
@@ -56,6 +58,9 @@ class IceformerSettings:
     top_blocks: int | None = _knob("--top-blocks", "blocks with the largest q.mean-key attended exactly, 0 = off")
     seed: int | None = _knob("--dci-seed", "seed of the DCI random projections")
     dense_layers: tuple[int, ...] | None = _knob("--dense-layers", "comma-separated layers kept dense", kind="layers")
+    layer_budget: tuple[int, ...] | None = _knob(
+        "--layer-budget", "comma-separated percent of top_blocks per layer from layer 0, later layers 100 (unset: the "
+        "model's measured profile if it has one, see profiles.py; none: 100 everywhere)", kind="budgets")
     exact_search: bool | None = _knob("--exact-search", "brute-force top-k instead of DCI (reference)", kind=bool)
     tail_estimate: bool | None = _knob("--tail-estimate", "estimate unretrieved keys from block summaries",
                                        kind=bool)
@@ -81,6 +86,12 @@ class IceformerSettings:
                 if not all(isinstance(i, int) and 0 <= i < 256 for i in value):
                     raise ValueError(f"dense_layers must be layer numbers 0..255, got {value!r}")
                 object.__setattr__(self, "dense_layers", tuple(sorted(set(value))))
+            if kind == "budgets":
+                if not (isinstance(value, (tuple, list)) and len(value) <= MAX_LAYERS and all(
+                        isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= MAX_LAYER_BUDGET for p in value)):
+                    raise ValueError(f"layer_budget must be at most {MAX_LAYERS} percentages 0..{MAX_LAYER_BUDGET}, "
+                                     f"got {value!r}")
+                object.__setattr__(self, "layer_budget", tuple(value))
 
     def overrides(self) -> dict:
         """The fields that were set (not None)."""
@@ -101,6 +112,18 @@ def _parse_layers(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+
+
+def _parse_budgets(text: str) -> tuple[int, ...]:
+    if text.strip() in ("", "none"):
+        return ()
+    try:
+        value = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated percentages, got {text!r}") from None
+    if len(value) > MAX_LAYERS or not all(0 <= p <= MAX_LAYER_BUDGET for p in value):
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_LAYERS} percentages 0..{MAX_LAYER_BUDGET}")
+    return value
 
 
 def _parse_bool(text: str) -> bool:
@@ -141,9 +164,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="attention in the patched backend (default: iceformer)")
     for f in dataclasses.fields(IceformerSettings):
         kind = f.metadata["kind"]
-        parse = {int: _non_negative, bool: _parse_bool, "layers": _parse_layers, "speed": _speed_level}[kind]
-        group.add_argument(f.metadata["flag"], dest=f"ice_{f.name}", type=parse, default=None,
-                           metavar="on|off" if kind is bool else ("L,L" if kind == "layers" else "N"),
+        parse = {int: _non_negative, bool: _parse_bool, "layers": _parse_layers, "speed": _speed_level,
+                 "budgets": _parse_budgets}[kind]
+        metavar = {bool: "on|off", "layers": "L,L", "budgets": "P,P"}.get(kind, "N")
+        group.add_argument(f.metadata["flag"], dest=f"ice_{f.name}", type=parse, default=None, metavar=metavar,
                            help=f.metadata["help"] + " (default: library default)")
 
 

@@ -25,7 +25,7 @@ def main() -> int:
     overrides = {}
     for kv in sys.argv[5:]:
         k, v = kv.split("=", 1)
-        overrides[k] = v == "true" if v in ("true", "false") else (tuple(int(x) for x in v.split(",") if x) if k == "dense_layers" else int(v))
+        overrides[k] = v == "true" if v in ("true", "false") else (tuple(int(x) for x in v.split(",") if x) if k in ("dense_layers", "layer_budget") else int(v))
 
     import iceformer_llama
     from iceformer_llama.models import bundled_model_path

@@ -35,6 +35,27 @@ def test_patched_is_the_default_and_exposes_the_iceformer_api(builds, bundled_mo
     assert proc.stdout.split() == ["patched", "iceformer", "48", "[]", "dense"]
 
 
+def test_layer_budget_round_trips_and_the_library_checks_its_range(builds, bundled_model):
+    """Layers past the given list keep 100%; a percentage above LLAMA_ICEFORMER_MAX_LAYER_BUDGET (1000) is
+    refused by llama_set_iceformer_params itself (the context keeps its settings). Unset, the bundled
+    model's measured profile applies; an empty budget is 100% everywhere."""
+    code = ("import ctypes, iceformer_llama as il\n"
+            "from iceformer_llama import backend, profiles\n"
+            "llm = il.Llama(None, n_ctx=64, attention='iceformer')\n"
+            "print(tuple(llm.attention_params()['layer_budget'][:30]) == profiles.layer_budget_for(llm.model_info))\n"
+            "llm.set_attention('iceformer', il.IceformerSettings(layer_budget=()))\n"
+            "print(set(llm.attention_params()['layer_budget']))\n"
+            "llm = il.Llama(None, n_ctx=64, attention='iceformer', iceformer=il.IceformerSettings(layer_budget=(50, 300)))\n"
+            "b = llm.attention_params()['layer_budget']\n"
+            "print(len(b), b[0], b[1], set(b[2:]))\n"
+            "api = backend.iceformer_api()\n"
+            "p = api.to_params('iceformer', None); p.layer_budget[7] = 1001\n"
+            "print(api._set(llm._llm.ctx, ctypes.byref(p)), llm.attention_params()['layer_budget'][:2])\n")
+    proc = run_py(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["True", "{100}", "256 50 300 {100}", "-1 [50, 300]"]
+
+
 def test_switching_backend_after_loading_is_refused(builds, bundled_model):
     code = ("import iceformer_llama as il\n"
             "il.use_backend('stock'); il.Llama(None, n_ctx=64)\n"

@@ -65,9 +65,10 @@ def test_summary_edge_cases():
 def test_settings_flags_round_trip():
     from iceformer_llama.cli import build_parser
 
-    s = IceformerSettings(top_k=32, tail_estimate=False, dense_layers=(0, 2), top_blocks=8)
+    s = IceformerSettings(top_k=32, tail_estimate=False, dense_layers=(0, 2), top_blocks=8, layer_budget=(100, 250))
     flags = bench.settings_flags(s)
-    assert flags == ["--top-k", "32", "--top-blocks", "8", "--dense-layers", "0,2", "--tail-estimate", "off"]
+    assert flags == ["--top-k", "32", "--top-blocks", "8", "--dense-layers", "0,2", "--layer-budget", "100,250",
+                     "--tail-estimate", "off"]
     from iceformer_llama.settings import from_arguments
     args = build_parser().parse_args(["generate", "-p", "x", *flags])
     assert from_arguments(args) == s
@@ -82,6 +83,7 @@ def test_variant_parsing():
     assert evaluate.variant_overrides("top-k=16,sinks=2,tail_estimate=off,dense_layers=0+1") == {
         "top_k": 16, "n_sinks": 2, "tail_estimate": False, "dense_layers": (0, 1)}
     assert evaluate.variant_overrides({"top_k": 4, "dense_layers": [3]}) == {"top_k": 4, "dense_layers": (3,)}
+    assert evaluate.variant_overrides("layer_budget=100+300+0") == {"layer_budget": (100, 300, 0)}
     with pytest.raises(ValueError, match="unknown knob"):
         evaluate.variant_overrides("topk=3")
     base = IceformerSettings(top_k=64)

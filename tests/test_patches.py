@@ -53,3 +53,28 @@ def test_a_patch_that_does_not_apply_is_named_with_its_file(pristine, tmp_path):
     msg = str(err.value)
     assert _pins.PATCHES[0] in msg and "src/llama-graph.cpp" in msg
     assert "\n" not in msg
+
+
+def test_ctypes_params_mirror_the_patched_header():
+    """iceformer_llama.ice_ctypes declares struct llama_iceformer_params by hand: same fields, order and
+    C types as patch 0001's llama.h, or every setting after a mismatch would land in the wrong field."""
+    import ctypes
+
+    from iceformer_llama.ice_ctypes import MAX_LAYERS, llama_iceformer_params
+
+    text = (PATCH_DIR / "0001-iceformer-attention-api-and-hook.patch").read_text()
+    body = re.search(r"^\+\s*struct llama_iceformer_params \{\n(.*?)^\+\s*\};", text, flags=re.M | re.S).group(1)
+    header = re.findall(r"^\+\s*(enum llama_attn_mode|int32_t|uint64_t|uint16_t|bool)\s+(\w+)(\[\w+\])?;",
+                        body, flags=re.M)
+    c_types = {"enum llama_attn_mode": ctypes.c_int, "int32_t": ctypes.c_int32, "uint64_t": ctypes.c_uint64,
+               "uint16_t": ctypes.c_uint16, "bool": ctypes.c_bool}
+    lengths = {"[4]": 4, "[LLAMA_ICEFORMER_MAX_LAYERS]": MAX_LAYERS}
+    expected = [(name, c_types[t] * lengths[n] if n else c_types[t]) for t, name, n in header]
+    declared = llama_iceformer_params._fields_
+    assert [n for n, _ in declared] == [n for n, _ in expected]
+    for (name, got), (_, want) in zip(declared, expected):
+        assert ctypes.sizeof(got) == ctypes.sizeof(want) and getattr(got, "_type_", got) == getattr(want, "_type_", want), name
+    assert re.search(rf"#define LLAMA_ICEFORMER_MAX_LAYERS {MAX_LAYERS}\b", text)
+    from iceformer_llama import settings
+    assert settings.MAX_LAYERS == MAX_LAYERS
+    assert re.search(rf"#define LLAMA_ICEFORMER_MAX_LAYER_BUDGET {settings.MAX_LAYER_BUDGET}\b", text)

@@ -1,6 +1,8 @@
 """The latency knob (--speed): its levels, how it combines with explicit knobs, and that it trades
 accuracy in the stated direction on the bundled model."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -58,3 +60,50 @@ def test_a_slower_level_is_closer_to_dense(builds, bundled_model, tmp_path):
     err_fast = float(np.abs(fast - dense).max(axis=1).mean())
     assert err_exact < err_fast, (err_exact, err_fast)
     assert _top1(dense, exact) >= _top1(dense, fast)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-layer budgets (layer_budget: percent of top_blocks per layer)
+
+
+@pytest.mark.parametrize("bad", [(1001,), (-1,), (True,), ("100",), (100,) * 257, 100])
+def test_bad_layer_budgets_are_refused(bad):
+    with pytest.raises(ValueError, match="layer_budget must be"):
+        IceformerSettings(layer_budget=bad)
+
+
+def test_layer_budget_flag_parses_percentages():
+    from iceformer_llama.cli import build_parser
+    from iceformer_llama.settings import from_arguments
+
+    args = build_parser().parse_args(["generate", "-p", "x", "--layer-budget", "100,250,0"])
+    assert from_arguments(args).layer_budget == (100, 250, 0)
+
+
+def test_layer_budget_scales_top_blocks_layer_by_layer(builds, bundled_model, tmp_path):
+    """Past min_n_kv (1024 keys) every layer attends top_blocks * layer_budget / 100 blocks: 20 blocks at
+    200% everywhere is 40 blocks bit for bit, and one layer at 0% (no blocks: sinks and window only)
+    changes the logits while 100% everywhere is the same as none given (the model's profile off) bit for bit."""
+    n = 1536
+    common = dict(top_k=0, block_size=16, window=64)
+    forty = probe(tmp_path, "patched", "iceformer", n_tokens=n, top_blocks=40, layer_budget=(), **common)
+    doubled = probe(tmp_path, "patched", "iceformer", n_tokens=n, top_blocks=20, layer_budget=(200,) * 30, **common)
+    assert np.array_equal(forty.view(np.uint32), doubled.view(np.uint32))
+    full = probe(tmp_path, "patched", "iceformer", n_tokens=n, top_blocks=40, layer_budget=(100,) * 30, **common)
+    assert np.array_equal(forty.view(np.uint32), full.view(np.uint32))
+    starved = probe(tmp_path, "patched", "iceformer", n_tokens=n, top_blocks=40, layer_budget=(100,) * 18 + (0,),
+                    **common)
+    assert not np.array_equal(forty[1100:], starved[1100:])
+    assert np.array_equal(forty[:1023], starved[:1023])   # row i sees i + 1 keys: dense below min_n_kv
+
+
+def test_profiles_fit_their_models(bundled_model):
+    from iceformer_llama import profiles
+    from iceformer_llama.models import check_gguf
+
+    for (arch, name, n_layers, *_), budget in profiles.PROFILES.items():
+        assert len(budget) == n_layers
+        IceformerSettings(layer_budget=budget)   # within range
+    info = check_gguf(bundled_model)
+    assert profiles.layer_budget_for(info) is not None
+    assert profiles.layer_budget_for(dataclasses.replace(info, name="another model")) is None
