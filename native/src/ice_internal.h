@@ -70,10 +70,14 @@ static inline uint16_t ice_f32_to_f16_sat(float f) {
 }
 
 // ---------------------------------------------------------------------------
-// SIMD kernels (simd.c): the best variant the CPU supports is picked once.
+// SIMD kernels (simd.c, simd_select.c): the best variant the CPU supports is picked once.
 // All variants give the same result on one machine for one input (the choice is
 // made per process), so splitting work over threads never changes the output.
 // ---------------------------------------------------------------------------
+
+// The variant picked (once per process; ICEFORMER_SIMD=scalar|avx2 caps it, for tests).
+enum { ICE_SIMD_UNSET = 0, ICE_SIMD_SCALAR = 1, ICE_SIMD_AVX2 = 2, ICE_SIMD_AVX512 = 3 };
+int ice_simd_level(void);
 
 float ice_dot(const float * a, const float * b, int64_t n);
 // y[i] += a * x[i]

@@ -1,4 +1,5 @@
-// simd.c - dot product, axpy and f16 row conversion with run-time dispatch.
+// simd.c - dot products, axpys, f16 row conversion, exp sums and the tiled ranking, with run-time
+// dispatch (ice_simd_level, shared with simd_select.c's selection kernels).
 //
 // x86-64 with GCC/Clang: AVX-512F and AVX2+FMA(+F16C) variants are compiled with
 // target attributes and picked once with __builtin_cpu_supports. Elsewhere (aarch64,
@@ -48,31 +49,6 @@ static float exp_sum_scalar(float * x, int64_t n, float mx) {
     float sum = 0;
     for (int64_t i = 0; i < n; i++) { x[i] = expf(x[i] - mx); sum += x[i]; }
     return sum;
-}
-
-static int64_t visible_f16_scalar(const uint16_t * m, int64_t j0, int64_t j1, int32_t * out) {
-    int64_t nv = 0;
-    for (int64_t j = j0; j < j1; j++) { out[nv] = (int32_t)j; nv += m[j] != 0xfc00u; }
-    return nv;
-}
-
-static inline uint32_t block_key_scalar(float qk, float q2v, int32_t cnt, int32_t vis) {
-    if (!(cnt > 0 && vis == cnt)) return 0u;
-    const float sc = qk + 2.0f * sqrtf(q2v);
-    return sc > -INFINITY ? ice_score_key(sc) : 0u;   // NaN is not eligible either
-}
-
-static int64_t block_keys_scalar(const float * qk, const float * q2v, const int32_t * cnt, const int32_t * vis,
-        int64_t i, int64_t n, uint32_t * key) {
-    int64_t nok = 0;
-    for (; i < n; i++) { key[i] = block_key_scalar(qk[i], q2v[i], cnt[i], vis[i]); nok += key[i] != 0; }
-    return nok;
-}
-
-static int64_t count_ge_scalar(const uint32_t * key, int64_t i, int64_t n, uint32_t t) {
-    int32_t c = 0;   // 32-bit counts so the loop vectorises well
-    for (; i < n; i++) c += key[i] >= t;
-    return c;
 }
 
 static void dots_tiles_scalar(const float * a, int64_t na, const uint16_t * tiles, int64_t cnt, int64_t n, float * out) {
@@ -341,91 +317,7 @@ static void dots_tiles_avx2(const float * a, int64_t na, const uint16_t * tiles,
     ICE_TILES_BY_FOUR(dots_tiles_avx2_m)
 }
 
-// Visible cells of an f16 mask row, eight at a time: an all-visible group (the common case: causal rows,
-// one sequence) is stored as a vector, others cell by cell. Writes up to 7 entries past the count.
-__attribute__((target("avx2")))
-static int64_t visible_f16_avx2(const uint16_t * m, int64_t j0, int64_t j1, int32_t * out) {
-    const __m128i ninf = _mm_set1_epi16((short)0xfc00);
-    const __m256i step = _mm256_set1_epi32(8);
-    __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int32_t)j0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    int64_t nv = 0, j = j0;
-    for (; j + 8 <= j1; j += 8) {
-        const int hidden = _mm_movemask_epi8(_mm_cmpeq_epi16(_mm_loadu_si128((const __m128i *)(const void *)(m + j)), ninf));
-        if (hidden == 0) {
-            _mm256_storeu_si256((__m256i *)(void *)(out + nv), idx);
-            nv += 8;
-        } else if (hidden != 0xffff) {
-            nv += visible_f16_scalar(m, j, j + 8, out + nv);
-        }
-        idx = _mm256_add_epi32(idx, step);
-    }
-    return nv + visible_f16_scalar(m, j, j1, out + nv);
-}
-
 // ---- AVX-512F --------------------------------------------------------------
-
-__attribute__((target("avx2")))
-static int64_t block_keys_avx2(const float * qk, const float * q2v, const int32_t * cnt, const int32_t * vis, int64_t n,
-        uint32_t * key) {
-    const __m256i sign = _mm256_set1_epi32((int)0x80000000u), zero = _mm256_setzero_si256();
-    int64_t i = 0, nok = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m256i c = _mm256_loadu_si256((const __m256i *)(const void *)(cnt + i));
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)(vis + i));
-        const __m256 sc = _mm256_add_ps(_mm256_loadu_ps(qk + i),
-                                        _mm256_mul_ps(_mm256_set1_ps(2.0f), _mm256_sqrt_ps(_mm256_loadu_ps(q2v + i))));
-        const __m256i ok = _mm256_and_si256(_mm256_and_si256(_mm256_cmpeq_epi32(c, v), _mm256_cmpgt_epi32(c, zero)),
-                _mm256_castps_si256(_mm256_cmp_ps(sc, _mm256_set1_ps(-INFINITY), _CMP_GT_OQ)));
-        const __m256i u = _mm256_castps_si256(sc), neg = _mm256_srai_epi32(u, 31);
-        const __m256i k = _mm256_or_si256(_mm256_xor_si256(u, neg), _mm256_andnot_si256(neg, sign));
-        _mm256_storeu_si256((__m256i *)(void *)(key + i), _mm256_and_si256(k, ok));
-        nok += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(ok)));
-    }
-    return nok + block_keys_scalar(qk, q2v, cnt, vis, i, n, key);
-}
-
-__attribute__((target("avx2")))
-static int64_t count_ge_avx2(const uint32_t * key, int64_t n, uint32_t t) {
-    const __m256i tv = _mm256_set1_epi32((int)t);
-    __m256i acc = _mm256_setzero_si256();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m256i k = _mm256_loadu_si256((const __m256i *)(const void *)(key + i));
-        acc = _mm256_sub_epi32(acc, _mm256_cmpeq_epi32(_mm256_max_epu32(k, tv), k));   // -(-1) per key >= t
-    }
-    int32_t lanes[8];
-    _mm256_storeu_si256((__m256i *)(void *)lanes, acc);
-    int64_t c = 0;
-    for (int j = 0; j < 8; j++) c += lanes[j];
-    return c + count_ge_scalar(key, i, n, t);
-}
-
-__attribute__((target("avx512f")))
-static int64_t block_keys_avx512(const float * qk, const float * q2v, const int32_t * cnt, const int32_t * vis, int64_t n,
-        uint32_t * key) {
-    const __m512i sign = _mm512_set1_epi32((int)0x80000000u), ones = _mm512_set1_epi32(-1);
-    int64_t i = 0, nok = 0;
-    for (; i + 16 <= n; i += 16) {
-        const __m512i c = _mm512_loadu_si512(cnt + i), v = _mm512_loadu_si512(vis + i);
-        const __m512 sc = _mm512_add_ps(_mm512_loadu_ps(qk + i),
-                                        _mm512_mul_ps(_mm512_set1_ps(2.0f), _mm512_sqrt_ps(_mm512_loadu_ps(q2v + i))));
-        const __mmask16 ok = _mm512_cmpeq_epi32_mask(c, v) & _mm512_cmpgt_epi32_mask(c, _mm512_setzero_si512()) &
-                             _mm512_cmp_ps_mask(sc, _mm512_set1_ps(-INFINITY), _CMP_GT_OQ);
-        const __m512i u = _mm512_castps_si512(sc);
-        const __m512i k = _mm512_mask_xor_epi32(_mm512_or_si512(u, sign), _mm512_test_epi32_mask(u, sign), u, ones);
-        _mm512_storeu_si512(key + i, _mm512_maskz_mov_epi32(ok, k));
-        nok += __builtin_popcount((unsigned)ok);
-    }
-    return nok + block_keys_scalar(qk, q2v, cnt, vis, i, n, key);
-}
-
-__attribute__((target("avx512f")))
-static int64_t count_ge_avx512(const uint32_t * key, int64_t n, uint32_t t) {
-    const __m512i tv = _mm512_set1_epi32((int)t);
-    int64_t i = 0, c = 0;
-    for (; i + 16 <= n; i += 16) c += __builtin_popcount((unsigned)_mm512_cmpge_epu32_mask(_mm512_loadu_si512(key + i), tv));
-    return c + count_ge_scalar(key, i, n, t);
-}
 
 __attribute__((target("avx512f")))
 static float dot_avx512(const float * a, const float * b, int64_t n) {
@@ -509,23 +401,6 @@ static float exp_sum_avx512(float * x, int64_t n, float mx) {
         s = _mm512_add_ps(s, e);
     }
     return _mm512_reduce_add_ps(s);
-}
-
-// Visible cells of an f16 mask row, sixteen at a time: compare, then compress the cell numbers.
-// Writes up to 15 entries past the count (callers size out with room for them).
-__attribute__((target("avx512f")))
-static int64_t visible_f16_avx512(const uint16_t * m, int64_t j0, int64_t j1, int32_t * out) {
-    const __m512i ninf = _mm512_set1_epi32(0xfc00), step = _mm512_set1_epi32(16);
-    __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int32_t)j0), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    int64_t nv = 0, j = j0;
-    for (; j + 16 <= j1; j += 16) {
-        const __m512i mv = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(const void *)(m + j)));
-        const __mmask16 vis = _mm512_cmpneq_epi32_mask(mv, ninf);
-        _mm512_storeu_si512((void *)(out + nv), _mm512_maskz_compress_epi32(vis, idx));
-        nv += __builtin_popcount((unsigned) vis);
-        idx = _mm512_add_epi32(idx, step);
-    }
-    return nv + visible_f16_scalar(m, j, j1, out + nv);
 }
 
 // Tiled rows (see dots_tiles_avx2): m <= 4 queries a pass (a constant where inlined), four accumulator
@@ -693,38 +568,37 @@ static void axpys_multi_avx512(float * y, int64_t na, const float * w, int64_t w
 
 // ---- dispatch ----------------------------------------------------------------
 
-enum { LVL_UNSET = 0, LVL_SCALAR = 1, LVL_AVX2 = 2, LVL_AVX512 = 3 };
-static int g_level = LVL_UNSET;
+static int g_level = ICE_SIMD_UNSET;
 
-static int simd_level(void) {
+int ice_simd_level(void) {
     int lvl = __atomic_load_n(&g_level, __ATOMIC_RELAXED);
-    if (lvl != LVL_UNSET) return lvl;
-    lvl = LVL_SCALAR;
+    if (lvl != ICE_SIMD_UNSET) return lvl;
+    lvl = ICE_SIMD_SCALAR;
 #ifdef ICE_X86_DISPATCH
     __builtin_cpu_init();
     const char * env = getenv("ICEFORMER_SIMD");   // "scalar" / "avx2" caps the level (tests)
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) lvl = LVL_AVX2;
-    if (lvl == LVL_AVX2 && __builtin_cpu_supports("avx512f")) lvl = LVL_AVX512;
-    if (env && strcmp(env, "scalar") == 0) lvl = LVL_SCALAR;
-    if (env && strcmp(env, "avx2") == 0 && lvl > LVL_AVX2) lvl = LVL_AVX2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) lvl = ICE_SIMD_AVX2;
+    if (lvl == ICE_SIMD_AVX2 && __builtin_cpu_supports("avx512f")) lvl = ICE_SIMD_AVX512;
+    if (env && strcmp(env, "scalar") == 0) lvl = ICE_SIMD_SCALAR;
+    if (env && strcmp(env, "avx2") == 0 && lvl > ICE_SIMD_AVX2) lvl = ICE_SIMD_AVX2;
 #endif
     __atomic_store_n(&g_level, lvl, __ATOMIC_RELAXED);
     return lvl;
 }
 
 const char * ice_simd_name(void) {
-    switch (simd_level()) {
-        case LVL_AVX512: return "avx512";
-        case LVL_AVX2:   return "avx2";
+    switch (ice_simd_level()) {
+        case ICE_SIMD_AVX512: return "avx512";
+        case ICE_SIMD_AVX2:   return "avx2";
         default:         return "scalar";
     }
 }
 
 float ice_dot(const float * a, const float * b, int64_t n) {
 #ifdef ICE_X86_DISPATCH
-    switch (simd_level()) {
-        case LVL_AVX512: return dot_avx512(a, b, n);
-        case LVL_AVX2:   return dot_avx2(a, b, n);
+    switch (ice_simd_level()) {
+        case ICE_SIMD_AVX512: return dot_avx512(a, b, n);
+        case ICE_SIMD_AVX2:   return dot_avx2(a, b, n);
         default: break;
     }
 #endif
@@ -733,9 +607,9 @@ float ice_dot(const float * a, const float * b, int64_t n) {
 
 void ice_axpy(float * y, float a, const float * x, int64_t n) {
 #ifdef ICE_X86_DISPATCH
-    switch (simd_level()) {
-        case LVL_AVX512: axpy_avx512(y, a, x, n); return;
-        case LVL_AVX2:   axpy_avx2(y, a, x, n); return;
+    switch (ice_simd_level()) {
+        case ICE_SIMD_AVX512: axpy_avx512(y, a, x, n); return;
+        case ICE_SIMD_AVX2:   axpy_avx2(y, a, x, n); return;
         default: break;
     }
 #endif
@@ -744,16 +618,16 @@ void ice_axpy(float * y, float a, const float * x, int64_t n) {
 
 void ice_f16_row_to_f32(float * dst, const uint16_t * src, int64_t n) {
 #ifdef ICE_X86_DISPATCH
-    if (simd_level() >= LVL_AVX2) { f16_f16c(dst, src, n); return; }
+    if (ice_simd_level() >= ICE_SIMD_AVX2) { f16_f16c(dst, src, n); return; }
 #endif
     f16_scalar(dst, src, n);
 }
 
 float ice_dot_f16(const float * a, const uint16_t * b, int64_t n) {
 #ifdef ICE_X86_DISPATCH
-    switch (simd_level()) {
-        case LVL_AVX512: return dot_f16_avx512(a, b, n);
-        case LVL_AVX2:   return dot_f16_avx2(a, b, n);
+    switch (ice_simd_level()) {
+        case ICE_SIMD_AVX512: return dot_f16_avx512(a, b, n);
+        case ICE_SIMD_AVX2:   return dot_f16_avx2(a, b, n);
         default: break;
     }
 #endif
@@ -762,9 +636,9 @@ float ice_dot_f16(const float * a, const uint16_t * b, int64_t n) {
 
 void ice_axpy_f16(float * y, float a, const uint16_t * x, int64_t n) {
 #ifdef ICE_X86_DISPATCH
-    switch (simd_level()) {
-        case LVL_AVX512: axpy_f16_avx512(y, a, x, n); return;
-        case LVL_AVX2:   axpy_f16_avx2(y, a, x, n); return;
+    switch (ice_simd_level()) {
+        case ICE_SIMD_AVX512: axpy_f16_avx512(y, a, x, n); return;
+        case ICE_SIMD_AVX2:   axpy_f16_avx2(y, a, x, n); return;
         default: break;
     }
 #endif
@@ -776,7 +650,7 @@ void ice_axpy_f16(float * y, float a, const uint16_t * x, int64_t n) {
 // kernels.
 static int batched_avx512(int64_t n) {
 #ifdef ICE_X86_DISPATCH
-    return simd_level() == LVL_AVX512 && n % 16 == 0 && n >= 16 && n <= 256;
+    return ice_simd_level() == ICE_SIMD_AVX512 && n % 16 == 0 && n >= 16 && n <= 256;
 #else
     (void) n;
     return 0;
@@ -785,7 +659,7 @@ static int batched_avx512(int64_t n) {
 
 static int batched_avx2(int64_t n) {
 #ifdef ICE_X86_DISPATCH
-    return simd_level() == LVL_AVX2 && n % 8 == 0 && n >= 8 && n <= 256;
+    return ice_simd_level() == ICE_SIMD_AVX2 && n % 8 == 0 && n >= 8 && n <= 256;
 #else
     (void) n;
     return 0;
@@ -803,8 +677,8 @@ void ice_dots_rows(const float * a, const char * base, size_t stride, enum ice_t
 
 void ice_dots_tiles(const float * a, int64_t na, const uint16_t * tiles, int64_t cnt, int64_t n, float * out) {
 #ifdef ICE_X86_DISPATCH
-    if (simd_level() == LVL_AVX512 && n % 4 == 0) { dots_tiles_avx512(a, na, tiles, cnt, n, out); return; }
-    if (simd_level() == LVL_AVX2 && n % 2 == 0) { dots_tiles_avx2(a, na, tiles, cnt, n, out); return; }
+    if (ice_simd_level() == ICE_SIMD_AVX512 && n % 4 == 0) { dots_tiles_avx512(a, na, tiles, cnt, n, out); return; }
+    if (ice_simd_level() == ICE_SIMD_AVX2 && n % 2 == 0) { dots_tiles_avx2(a, na, tiles, cnt, n, out); return; }
 #endif
     dots_tiles_scalar(a, na, tiles, cnt, n, out);
 }
@@ -828,9 +702,9 @@ void ice_axpys_rows(float * y, const float * w, const char * base, size_t stride
 
 float ice_exp_sum(float * x, int64_t n, float mx) {
 #ifdef ICE_X86_DISPATCH
-    switch (simd_level()) {
-        case LVL_AVX512: return exp_sum_avx512(x, n, mx);
-        case LVL_AVX2:   return exp_sum_avx2(x, n, mx);
+    switch (ice_simd_level()) {
+        case ICE_SIMD_AVX512: return exp_sum_avx512(x, n, mx);
+        case ICE_SIMD_AVX2:   return exp_sum_avx2(x, n, mx);
         default: break;
     }
 #endif
@@ -848,29 +722,4 @@ float ice_max(const float * x, int64_t n) {
     for (; i < n; i++) m0 = x[i] > m0 ? x[i] : m0;
     m0 = m1 > m0 ? m1 : m0; m2 = m3 > m2 ? m3 : m2;
     return m2 > m0 ? m2 : m0;
-}
-
-int64_t ice_visible_f16(const uint16_t * m, int64_t j0, int64_t j1, int32_t * out) {
-#ifdef ICE_X86_DISPATCH
-    if (simd_level() == LVL_AVX512) return visible_f16_avx512(m, j0, j1, out);
-    if (simd_level() == LVL_AVX2) return visible_f16_avx2(m, j0, j1, out);
-#endif
-    return visible_f16_scalar(m, j0, j1, out);
-}
-
-int64_t ice_block_keys(const float * qk, const float * q2var, const int32_t * count, const int32_t * vis, int64_t n,
-        uint32_t * key) {
-#ifdef ICE_X86_DISPATCH
-    if (simd_level() == LVL_AVX512) return block_keys_avx512(qk, q2var, count, vis, n, key);
-    if (simd_level() == LVL_AVX2) return block_keys_avx2(qk, q2var, count, vis, n, key);
-#endif
-    return block_keys_scalar(qk, q2var, count, vis, 0, n, key);
-}
-
-int64_t ice_count_ge_u32(const uint32_t * key, int64_t n, uint32_t t) {
-#ifdef ICE_X86_DISPATCH
-    if (simd_level() == LVL_AVX512) return count_ge_avx512(key, n, t);
-    if (simd_level() == LVL_AVX2) return count_ge_avx2(key, n, t);
-#endif
-    return count_ge_scalar(key, 0, n, t);
 }
