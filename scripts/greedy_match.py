@@ -30,12 +30,13 @@ import numpy as np
 def greedy(llm, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
     """n greedy tokens after prompt, with the logits each was chosen from."""
     import llama_cpp
+    from iceformer_llama.generate import last_logits
 
     llm.reset()
     llm.eval(prompt)
     toks, logits = [], []
     for _ in range(n):
-        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+        row = last_logits(llm, llama_cpp).copy()
         tok = int(row.argmax())
         toks.append(tok)
         logits.append(row)
@@ -49,9 +50,10 @@ STRIDE = 12007
 
 def prompt_offsets(corpus_tokens: int, length: int) -> list[int]:
     """Start of each prompt in the corpus: every STRIDE tokens, then the points half-way between."""
-    fits = lambda o: o + length <= corpus_tokens  # noqa: E731
-    first = [i * STRIDE for i in range(corpus_tokens) if fits(i * STRIDE)]
-    return first + [STRIDE // 2 + j * STRIDE for j in range(corpus_tokens) if fits(STRIDE // 2 + j * STRIDE)]
+    n = corpus_tokens // STRIDE + 1
+    first = [i * STRIDE for i in range(n)]
+    between = [STRIDE // 2 + j * STRIDE for j in range(n)]
+    return [o for o in first + between if o + length <= corpus_tokens]
 
 
 def compare(dense: list[int], dense_logits: list[np.ndarray], other: list[int]) -> dict:
@@ -108,7 +110,8 @@ def main() -> int:
         prompt = document_tokens(llm, args.length - 1, offset_tokens=offsets[i])[:args.length - 1]
         llm.set_attention("dense")
         dense, dense_logits = greedy(llm, prompt, args.n_predict)
-        margins = [float(np.sort(r)[-1] - np.sort(r)[-2]) for r in dense_logits]
+        top2 = [np.partition(r, -2)[-2:] for r in dense_logits]
+        margins = [float(t[1] - t[0]) for t in top2]
         row = {"prompt": i, "offset": offsets[i], "prompt_tokens": len(prompt), "dense": llm.detokenize(dense).decode("utf-8", "replace"),
                "dense_min_margin_first_32": round(min(margins[:32]), 4), "runs": {}}
         for label, settings in variants:
