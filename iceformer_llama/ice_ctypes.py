@@ -14,7 +14,7 @@ MODES = {"dense": LLAMA_ATTN_MODE_DENSE, "iceformer": LLAMA_ATTN_MODE_ICEFORMER}
 
 
 class llama_iceformer_params(ctypes.Structure):
-    # struct llama_iceformer_params { enum llama_attn_mode mode; int32_t top_k; ... bool group_blocks;
+    # struct llama_iceformer_params { enum llama_attn_mode mode; int32_t top_k; ... bool dense_prefill;
     #                                 uint16_t layer_budget[LLAMA_ICEFORMER_MAX_LAYERS]; };
     _fields_ = [
         ("mode", ctypes.c_int),
@@ -34,6 +34,7 @@ class llama_iceformer_params(ctypes.Structure):
         ("tail_estimate", ctypes.c_bool),
         ("persistent", ctypes.c_bool),
         ("group_blocks", ctypes.c_bool),
+        ("dense_prefill", ctypes.c_bool),
         ("layer_budget", ctypes.c_uint16 * MAX_LAYERS),
     ]
 

@@ -68,6 +68,8 @@ class IceformerSettings:
                                     "(off: rebuild them every call, the reference)", kind=bool)
     group_blocks: bool | None = _knob("--group-blocks", "query heads sharing a KV head attend the same blocks, chosen "
                                       "together (off: each head its own top_blocks)", kind=bool)
+    dense_prefill: bool | None = _knob("--dense-prefill", "prompt processing (ubatches of more than one token) "
+                                       "runs exact dense attention; only decoding is sparse", kind=bool)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

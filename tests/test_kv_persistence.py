@@ -99,6 +99,14 @@ def ubatch_results(tmp_path) -> dict:
     for u in (1, 512):
         runs[f"dci-u{u}"] = dict(ice(DCI), ctx={"n_ctx": 512, "n_ubatch": u}, steps=FEED)
     runs["exact-search"] = dict(ice(dict(DCI, exact_search=True)), ctx={"n_ctx": 512}, steps=FEED)
+    # dense_prefill: the prompt ubatch runs upstream and only feeds the state; against a context that
+    # ran the prompt dense and switched to iceformer (its state rebuilt from the cache)
+    for name, knobs in (("sparse", SPARSE), ("dci", DCI)):
+        dp = dict(knobs, dense_prefill=True)
+        runs[f"{name}-dp"] = dict(ice(dp), ctx={"n_ctx": 512}, steps=FEED)
+        runs[f"{name}-switched"] = {"ctx": {"n_ctx": 512}, "attention": "dense", "settings": dict(dp, persistent=True),
+                                    "steps": [FEED[0], ["attention", "iceformer", None], FEED[1]]}
+    runs["sparse-dp-u1"] = dict(ice(dict(SPARSE, dense_prefill=True)), ctx={"n_ctx": 512, "n_ubatch": 1}, steps=FEED)
     return run_scenarios(tmp_path, runs)
 
 
@@ -143,6 +151,22 @@ def test_dci_index_updated_per_token_holds_every_key(ubatch_runs):
     bitwise(r["exact-search"], r["dci-u512"])
     bitwise(r["exact-search"], r["dci-u1"])
     assert rel_error(r["full-u512"], r["dci-u1"]).max() > ROUNDING_TOL   # top-16 is not every key
+
+
+PROMPT_ROWS = PROMPT // 8 + 1   # FEED's prompt decode records rows 0, 8, ..., 248 and the last
+
+
+def test_dense_prefill_is_exact_and_leaves_a_current_state(ubatch_runs):
+    """dense_prefill: the prompt's rows are dense's bits, and the decode steps after it are those of a
+    context whose state was rebuilt from the same cache (the prompt ubatch fed the block summaries and
+    the DCI index as a sparse ubatch would); one-token ubatches still run the kernel."""
+    r = ubatch_runs
+    for name in ("sparse", "dci"):
+        bitwise(r["dense"][:PROMPT_ROWS], r[f"{name}-dp"][:PROMPT_ROWS])
+        bitwise(r[f"{name}-switched"], r[f"{name}-dp"])
+        assert not np.array_equal(r["dense"][PROMPT_ROWS:], r[f"{name}-dp"][PROMPT_ROWS:]), "decoding ran dense"
+    bitwise(r["sparse-u1"], r["sparse-dp-u1"])   # a prompt fed one token at a time is decoded sparse
+    assert rel_error(r["dense"][:PROMPT_ROWS], r["sparse-u512"][:PROMPT_ROWS]).max() > ROUNDING_TOL  # control
 
 
 # -- 2, 3. cache edits ------------------------------------------------------------------------------
