@@ -30,9 +30,8 @@ CONFIGS = {"stock": ("stock", "dense"), "patched-dense": ("patched", "dense"), "
 def child(args) -> int:
     import iceformer_llama
     from iceformer_llama.corpus import document_tokens
-    from iceformer_llama.models import bundled_model_path
-
     from iceformer_llama.evaluate import variant_overrides
+    from iceformer_llama.models import bundled_model_path
 
     backend, attention = CONFIGS[args.child]
     iceformer_llama.use_backend(backend)
