@@ -6,7 +6,10 @@ Runs alternate between the configurations, after one discarded warm-up round. St
 attention on and off; per length and metric the faster of the two is the baseline (the JSON says which).
 
     python -m iceformer_llama bench --lengths 512,1024,2048 --repeat 3 --out results/bench.json
+    python -m iceformer_llama bench --lengths 8192 --variant "" --variant dense_prefill=on   # two settings
 
+Each --variant (eval's syntax, on top of the knob flags) is one more patched configuration in the same
+rounds, so settings are compared with each other and with stock side by side.
 Writes the JSON (`--out`) and a PNG beside it (tokens/s and patched/stock ratio against context length).
 """
 
@@ -81,23 +84,31 @@ def pick_baseline(stock: dict[str, dict]) -> tuple[str | None, dict | None]:
     return best if best else (None, None)
 
 
-def aggregate(runs: list[dict], lengths, stock_flash: list[str]) -> list[dict]:
+def aggregate(runs: list[dict], lengths, stock_flash: list[str], variants=(None,)) -> list[dict]:
     """One row per length from the individual runs (dicts with length, config, prefill, decode, prompt_tokens).
 
-    config is "patched" or "stock-fa-on" / "stock-fa-off"."""
+    config is "patched" or "stock-fa-on" / "stock-fa-off"; patched runs may name their setting in
+    "variant" (the labels in `variants`, None when the command compares one setting). The row's "patched"
+    and "ratio" are the first setting's, "variants" holds each setting's by label."""
     rows = []
     for n in lengths:
         at = [r for r in runs if r["length"] == n]
         row = {"length": n, "prompt_tokens": max((r["prompt_tokens"] for r in at), default=None),
-               "patched": {}, "stock": {}, "baseline": {}, "baseline_flash_attn": {}, "ratio": {}}
+               "patched": {}, "stock": {}, "baseline": {}, "baseline_flash_attn": {}, "ratio": {}, "variants": {}}
         for metric in METRICS:
-            row["patched"][metric] = summarize(r[metric] for r in at if r["config"] == "patched")
             stock = {fa: summarize(r[metric] for r in at if r["config"] == f"stock-fa-{fa}") for fa in stock_flash}
             row["stock"][metric] = stock
             fa, base = pick_baseline(stock)
             row["baseline"][metric] = base
             row["baseline_flash_attn"][metric] = fa
-            row["ratio"][metric] = ratio(row["patched"][metric], base)
+        for label in variants:
+            mine = [r for r in at if r["config"] == "patched" and r.get("variant") == label]
+            patched = {metric: summarize(r[metric] for r in mine) for metric in METRICS}
+            ratios = {metric: ratio(patched[metric], row["baseline"][metric]) for metric in METRICS}
+            if label is not None:
+                row["variants"][label] = {"patched": patched, "ratio": ratios}
+            if label == variants[0]:
+                row["patched"], row["ratio"] = patched, ratios
         rows.append(row)
     return rows
 
@@ -111,17 +122,22 @@ def _fmt(summary: dict | None) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Median [min-max] tokens/s; stock is the faster flash-attention setting (fa=on/off)."""
-    head = ("length", "stock prefill", "patched prefill", "ratio", "stock decode", "patched decode", "ratio")
+    """Median [min-max] tokens/s; stock is the faster flash-attention setting (fa=on/off). With several
+    settings (--variant), one line per length and setting."""
+    named = any(row.get("variants") for row in rows)
+    head = ("length", *(("setting",) if named else ()), "stock prefill", "patched prefill", "ratio",
+            "stock decode", "patched decode", "ratio")
     lines = [head]
     for row in rows:
-        cells = [str(row["length"])]
-        for metric in METRICS:
-            fa = row["baseline_flash_attn"][metric]
-            r = row["ratio"][metric]
-            cells += [f"{_fmt(row['baseline'][metric])} (fa={fa})" if fa else "-",
-                      _fmt(row["patched"][metric]), f"{r:.2f}x" if r is not None else "-"]
-        lines.append(tuple(cells))
+        settings = row["variants"].items() if named else [(None, row)]
+        for label, mine in settings:
+            cells = [str(row["length"]), *((label,) if named else ())]
+            for metric in METRICS:
+                fa = row["baseline_flash_attn"][metric]
+                r = mine["ratio"][metric]
+                cells += [f"{_fmt(row['baseline'][metric])} (fa={fa})" if fa else "-",
+                          _fmt(mine["patched"][metric]), f"{r:.2f}x" if r is not None else "-"]
+            lines.append(tuple(cells))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -157,6 +173,7 @@ class Config:
     attention: str
     flash_attn: str
     flags: list[str]   # IceFormer knobs (patched only)
+    variant: str | None = None  # the --variant label of a patched setting (None: the command's one setting)
 
 
 def _generate_command(cfg: Config, *, model: str, prompt_file: str, n_predict: int, ctx_size: int, threads: int,
@@ -225,41 +242,44 @@ def _quiet_stderr():
 
 
 def run_bench(*, model: str, lengths, repeat: int, threads: int, n_predict: int, batch_size: int,
-              attention: str, settings: IceformerSettings, flash_attn: str, stock_flash: list[str],
-              timeout: float, progress: bool, warmup: int = 1) -> dict:
+              attention: str, variants: list[tuple[str | None, IceformerSettings]], flash_attn: str,
+              stock_flash: list[str], timeout: float, progress: bool, warmup: int = 1) -> dict:
+    """variants: (label, settings) of each patched configuration; one with label None when not compared."""
     from tqdm import tqdm
 
-    patched = Config("patched", "patched", attention, flash_attn, settings_flags(settings))
+    patched = [Config("patched", "patched", attention, flash_attn, settings_flags(settings), label)
+               for label, settings in variants]
     stocks = [Config(f"stock-fa-{fa}", "stock", "dense", fa, []) for fa in stock_flash]
     runs: list[dict] = []
-    patched_params = None
+    patched_params: dict = {}
     with tempfile.TemporaryDirectory(prefix="iceformer-bench-") as tmp:
         docs = write_documents(model, lengths, Path(tmp))
         # `warmup` discarded rounds (first length, every configuration), then `repeat` measured rounds; the
-        # order of stock and patched alternates between rounds so that neither always runs on a cooler machine
+        # order of the configurations reverses between rounds so that none always runs on a cooler machine
         plan = [(-1 - w, lengths[0]) for w in range(warmup)] + [(rep, n) for rep in range(repeat) for n in lengths]
-        total = len(plan) * (1 + len(stocks))
-        bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=not progress)
+        configs = [*stocks, *patched]
+        bar = tqdm(total=len(plan) * len(configs), desc="bench", unit="run", file=sys.stderr, disable=not progress)
         try:
             for rep, n in plan:
-                order = [patched, *stocks] if rep % 2 else [*stocks, patched]
-                for cfg in order:
-                    bar.set_postfix_str(f"{cfg.name} {n} tokens")
+                for cfg in (configs[::-1] if rep % 2 else configs):
+                    bar.set_postfix_str(f"{cfg.name}{' ' + cfg.variant if cfg.variant else ''} {n} tokens")
                     out = run_one(_generate_command(cfg, model=model, prompt_file=str(docs[n]), n_predict=n_predict,
                                                     ctx_size=n + n_predict + _CTX_SLACK, threads=threads,
                                                     batch_size=batch_size), timeout=timeout)
                     bar.update(1)
-                    if cfg is patched:
-                        patched_params = out["settings"].get("iceformer")
+                    if cfg.name == "patched":
+                        patched_params[cfg.variant] = out["settings"].get("iceformer")
                     if rep < 0:
                         continue
                     runs.append({"length": n, "config": cfg.name, "rep": rep, "prompt_tokens": out["prompt_tokens"],
                                  "generated_tokens": out["generated_tokens"],
                                  "prefill_seconds": out["prefill_seconds"], "decode_seconds": out["decode_seconds"],
-                                 "prefill": out[_RATE_KEY["prefill"]], "decode": out[_RATE_KEY["decode"]]})
+                                 "prefill": out[_RATE_KEY["prefill"]], "decode": out[_RATE_KEY["decode"]],
+                                 **({"variant": cfg.variant} if cfg.variant is not None else {})})
         finally:
             bar.close()
-    return {"runs": runs, "rows": aggregate(runs, lengths, stock_flash), "patched_params": patched_params}
+    labels = [label for label, _ in variants]
+    return {"runs": runs, "rows": aggregate(runs, lengths, stock_flash, labels), "patched_params": patched_params}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -271,9 +291,17 @@ def plot(result: dict, path: Path) -> None:
     rows = result["rows"]
     x = [r["length"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    # one series per patched setting: "patched" alone, or each --variant's label
+    settings = list(rows[0]["variants"]) if rows and rows[0].get("variants") else [None]
+
+    def patched_of(r, label):
+        return r["variants"][label] if label is not None else r
+
     for ax, metric in zip(axes[:2], METRICS):
-        for label, get, style in (("stock (faster fa)", lambda r: r["baseline"][metric], "o-"),
-                                  ("patched", lambda r: r["patched"][metric], "s-")):
+        series = [("stock (faster fa)", lambda r: r["baseline"][metric], "o-")]
+        series += [(label or "patched", lambda r, label=label: patched_of(r, label)["patched"][metric], "s-")
+                   for label in settings]
+        for label, get, style in series:
             pts = [(xx, get(r)) for xx, r in zip(x, rows) if get(r)]
             if not pts:
                 continue
@@ -287,10 +315,13 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     ax = axes[2]
-    for metric, style in zip(METRICS, ("o-", "s-")):
-        pts = [(xx, r["ratio"][metric]) for xx, r in zip(x, rows) if r["ratio"][metric] is not None]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=metric)
+    for label in settings:
+        for metric, style in zip(METRICS, ("o-", "s-")):
+            pts = [(xx, patched_of(r, label)["ratio"][metric]) for xx, r in zip(x, rows)]
+            pts = [p for p in pts if p[1] is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style,
+                        label=f"{metric}, {label}" if label is not None else metric)
     ax.axhline(1.0, color="grey", lw=1, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
@@ -322,18 +353,32 @@ def cmd_bench(args) -> int:
     threads = args.threads or os.cpu_count() or 1
     stock_flash = ["on", "off"] if args.stock_flash_attn == "both" else [args.stock_flash_attn]
     settings = from_arguments(args)
+    if args.variant:
+        from .evaluate import build_variants
+
+        if args.attention != "iceformer":
+            raise UsageError("--variant compares IceFormer settings; it needs --attention iceformer")
+        try:
+            variants = build_variants(settings, args.variant)
+        except ValueError as e:
+            raise UsageError(f"bad --variant: {e}") from None
+    else:
+        variants = [(None, settings)]
     started = time.time()
     measured = run_bench(model=model, lengths=lengths, repeat=args.repeat, threads=threads,
                          n_predict=args.n_predict, batch_size=args.batch_size, attention=args.attention,
-                         settings=settings, flash_attn=args.flash_attn, stock_flash=stock_flash,
+                         variants=variants, flash_attn=args.flash_attn, stock_flash=stock_flash,
                          timeout=args.timeout, progress=sys.stderr.isatty(), warmup=args.warmup)
+    params = measured["patched_params"]
     result = {
         "command": "python -m iceformer_llama " + shlex.join(sys.argv[1:]),
         "model": model, "model_name": info.name, "context_length": info.context_length,
         "lengths": lengths, "repeat": args.repeat, "warmup_rounds": args.warmup, "threads": threads,
         "n_predict": args.n_predict, "batch_size": args.batch_size,
         "patched": {"attention": args.attention, "flash_attn": args.flash_attn, "knobs": settings.overrides(),
-                    "params": measured["patched_params"]},
+                    "params": params.get(variants[0][0])},
+        **({"variants": [{"label": label, "knobs": s.overrides(), "params": params.get(label)}
+                         for label, s in variants]} if args.variant else {}),
         "stock": {"flash_attn": stock_flash},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "python": platform.python_version()},
@@ -349,6 +394,7 @@ def cmd_bench(args) -> int:
 def register(subparsers) -> None:
     """Adds the `bench` subcommand."""
     from .cli import _non_negative, _positive
+    from .evaluate import variant_argument
     from .settings import add_arguments
 
     p = subparsers.add_parser("bench", help="prefill/decode tokens/s, patched against stock llama.cpp",
@@ -369,5 +415,8 @@ def register(subparsers) -> None:
                    help="stock runs: both (default; the faster per length is the baseline), on or off")
     p.add_argument("--timeout", type=_positive, default=1800, help="seconds allowed per run (default 1800)")
     p.add_argument("--out", "-o", default="results/bench.json", help="JSON path; the PNG goes beside it")
+    p.add_argument("--variant", action="append", type=variant_argument, metavar="KNOB=V,...",
+                   help="a patched setting to run in the same rounds, on top of the knob flags (repeatable; "
+                        "\"\" = the knob flags alone), e.g. --variant \"\" --variant dense_prefill=on")
     add_arguments(p)
     p.set_defaults(func=cmd_bench)

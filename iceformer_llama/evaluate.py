@@ -441,7 +441,7 @@ def _fraction(text: str) -> float:
     return values[0]
 
 
-def _variant(text: str) -> str:
+def variant_argument(text: str) -> str:
     try:
         variant_overrides(text)
     except ValueError as e:
@@ -472,7 +472,7 @@ def register(subparsers) -> None:
     p.add_argument("--trials", type=_positive, default=2, help="prompts per task, length and depth (default 2)")
     p.add_argument("--seed", type=int, default=None, help="seed of the generated tasks (default 0)")
     p.add_argument("-n", "--n-predict", type=_positive, default=8, help="tokens generated per answer (default 8)")
-    p.add_argument("--variant", action="append", type=_variant, metavar="KNOB=V,...",
+    p.add_argument("--variant", action="append", type=variant_argument, metavar="KNOB=V,...",
                    help="a setting to evaluate, on top of the knob flags (repeatable), e.g. top_blocks=8,block_size=32")
     p.add_argument("--settings", type=_load_settings_list, default=None, metavar="JSON",
                    help='a JSON list of settings (or a file holding one), e.g. \'[{"top_k": 32}, {"top_blocks": 8}]\'')

@@ -51,6 +51,23 @@ def test_summaries_and_ratio_from_medians():
     assert "1.23x" in table and "1.62x" in table and "(fa=on)" in table and "(fa=off)" in table
 
 
+def test_settings_compared_side_by_side_each_get_their_ratio():
+    def runs(label, prefill, decode):
+        return [dict(r, variant=label) for r in _runs("patched", 512, prefill, decode)]
+
+    measured = (runs("default", [200, 210], [60, 64]) + runs("dense_prefill=on", [100, 104], [58, 62])
+                + _runs("stock-fa-off", 512, [100, 110], [20, 22]))
+    (row,) = bench.aggregate(measured, [512], ["off"], ["default", "dense_prefill=on"])
+    assert row["variants"]["default"]["ratio"]["prefill"] == pytest.approx(205 / 105)
+    assert row["variants"]["dense_prefill=on"]["ratio"]["prefill"] == pytest.approx(102 / 105)
+    assert row["variants"]["dense_prefill=on"]["ratio"]["decode"] == pytest.approx(60 / 21)
+    # the row's own patched/ratio are the first setting's, as with a single setting
+    assert row["patched"] == row["variants"]["default"]["patched"] and row["ratio"]["decode"] == pytest.approx(62 / 21)
+    lines = bench.format_table([row]).splitlines()
+    assert "setting" in lines[0] and len(lines) == 4
+    assert "default" in lines[2] and "1.95x" in lines[2] and "dense_prefill=on" in lines[3] and "0.97x" in lines[3]
+
+
 def test_summary_edge_cases():
     assert bench.summarize([]) is None
     assert bench.summarize([None, 3.0, 1.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 2}
@@ -169,6 +186,38 @@ def test_bench_writes_json_and_png(builds, bundled_model, tmp_path):
         assert row["ratio"][metric] == pytest.approx(row["patched"][metric]["median"] / row["baseline"][metric]["median"])
     assert "256" in proc.stdout and "ratio" in proc.stdout
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_runs_each_variant_in_the_same_rounds(builds, bundled_model, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_command("bench", "--lengths", "256", "--repeat", "1", "-n", "4", "--threads", "1", "--warmup", "0",
+                       "--stock-flash-attn", "off", "--top-k", "32", "--variant", "", "--variant", "window=8",
+                       "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert [v["label"] for v in result["variants"]] == ["top_k=32", "window=8"]
+    # a variant starts from the knob flags: both run with top_k 32, the second with its own window
+    assert [v["params"]["top_k"] for v in result["variants"]] == [32, 32]
+    assert result["variants"][1]["params"]["window"] == 8 != result["variants"][0]["params"]["window"]
+    assert sorted(r.get("variant", "-") for r in result["runs"]) == ["-", "top_k=32", "window=8"]
+    (row,) = result["rows"]
+    for label in ("top_k=32", "window=8"):
+        mine = row["variants"][label]
+        assert mine["ratio"]["decode"] == pytest.approx(mine["patched"]["decode"]["median"] / row["baseline"]["decode"]["median"])
+    assert "window=8" in proc.stdout and "setting" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--variant", "top_k=many"], "bad value for top_k"),
+    (["--variant", "no_such_knob=1"], "unknown knob"),
+    (["--attention", "dense", "--variant", "top_k=8"], "needs --attention iceformer"),
+])
+def test_bench_refuses_a_bad_variant_in_one_line(args, message, tmp_path):
+    # through the real entry point, whose error handling turns UsageError into one line
+    proc = subprocess.run([sys.executable, "-m", "iceformer_llama", "bench", "--lengths", "256", *args,
+                           "--out", str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr and not (tmp_path / "bench.json").exists()
 
 
 @pytest.fixture(scope="module")
