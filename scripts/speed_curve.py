@@ -5,7 +5,7 @@ side by side in one run, joined with the accuracy of each level from an `eval` J
     .venv/bin/python scripts/speed_curve.py --length 8192 -n 128 --repeat 1 \
         --eval results/speed-eval.json --out results/speed-curve.json
 
-Each measurement is its own `python -m iceformer_llama generate --json` process (as in `bench`); stock
+Each measurement is its own `python -m iceformer_llama generate --json` process (bench.run_bench); stock
 runs with flash attention on and off and the faster of the two is the baseline, per metric. Configurations
 alternate in order between rounds. Run it on an idle machine: two threads collapse when anything else runs.
 Writes JSON and a PNG (speed-up against top-1 agreement) beside it.
@@ -17,7 +17,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,25 +26,15 @@ from iceformer_llama.settings import SPEED_LEVELS, IceformerSettings
 
 
 def measure(args) -> dict:
+    """bench's alternating rounds, one patched configuration per level; runs named speed-N or stock-fa-*."""
     model = str(args.model or bundled_model_path())
     levels = [int(x) for x in args.levels.split(",")] if args.levels else sorted(SPEED_LEVELS)
-    configs = [bench.Config(f"stock-fa-{fa}", "stock", "dense", fa, []) for fa in ("on", "off")]
-    configs += [bench.Config(f"speed-{lv}", "patched", "iceformer", "auto",
-                             bench.settings_flags(IceformerSettings(speed=lv))) for lv in levels]
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="iceformer-speed-") as tmp:
-        doc = bench.write_documents(model, [args.length], Path(tmp))[args.length]
-        for rep in range(args.repeat):
-            order = configs if rep % 2 == 0 else configs[::-1]
-            for cfg in order:
-                out = bench.run_one(bench._generate_command(
-                    cfg, model=model, prompt_file=str(doc), n_predict=args.n_predict,
-                    ctx_size=args.length + args.n_predict + 16, threads=args.threads, batch_size=512),
-                    timeout=args.timeout)
-                runs.append({"config": cfg.name, "rep": rep, "prefill": out["prefill_tokens_per_second"],
-                             "decode": out["decode_tokens_per_second"], "generated_tokens": out["generated_tokens"]})
-                print(f"{cfg.name:>12} prefill {runs[-1]['prefill']:7.1f}  decode {runs[-1]['decode']:6.1f} tok/s",
-                      file=sys.stderr, flush=True)
+    measured = bench.run_bench(model=model, lengths=[args.length], repeat=args.repeat, threads=args.threads,
+                               n_predict=args.n_predict, batch_size=512, attention="iceformer",
+                               variants=[(f"speed-{lv}", IceformerSettings(speed=lv)) for lv in levels],
+                               flash_attn="auto", stock_flash=["on", "off"], timeout=args.timeout,
+                               progress=sys.stderr.isatty(), warmup=0)
+    runs = [{**r, "config": r.get("variant", r["config"])} for r in measured["runs"]]
     return {"levels": levels, "runs": runs}
 
 
