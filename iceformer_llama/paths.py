@@ -4,6 +4,9 @@ import hashlib
 import os
 from pathlib import Path
 
+# A source checkout: native/ and patches/ live beside the package (a wheel ships built libraries instead).
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
 
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()

@@ -29,9 +29,9 @@ CONFIGS = {"stock": ("stock", "dense"), "patched-dense": ("patched", "dense"), "
 
 def child(args) -> int:
     import iceformer_llama
-    from iceformer_llama.corpus import document_tokens
-    from iceformer_llama.evaluate import variant_overrides
-    from iceformer_llama.models import bundled_model_path
+    from iceformer_llama.evaluation.corpus import document_tokens
+    from iceformer_llama.evaluation.evaluate import variant_overrides
+    from iceformer_llama.runtime.models import bundled_model_path
 
     backend, attention = CONFIGS[args.child]
     iceformer_llama.use_backend(backend)
@@ -77,7 +77,7 @@ def main() -> int:
         ap.error("--turns, --passage and --reply must be positive")
     if args.child:
         return child(args)
-    from iceformer_llama.evaluate import variant_overrides
+    from iceformer_llama.evaluation.evaluate import variant_overrides
     variants = args.variant or [""]
     for spec in variants:
         try:

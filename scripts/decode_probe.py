@@ -25,8 +25,8 @@ from pathlib import Path
 
 
 def parse_setting(text: str):
-    from iceformer_llama.evaluate import variant_overrides
-    from iceformer_llama.settings import IceformerSettings
+    from iceformer_llama.evaluation.evaluate import variant_overrides
+    from iceformer_llama.runtime.settings import IceformerSettings
 
     if text == "dense":
         return "dense", None
@@ -51,7 +51,7 @@ def main() -> int:
     import numpy as np
 
     import iceformer_llama
-    from iceformer_llama.corpus import document_tokens
+    from iceformer_llama.evaluation.corpus import document_tokens
 
     try:
         settings = {s: parse_setting(s) for s in args.settings}

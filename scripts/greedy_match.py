@@ -30,7 +30,7 @@ import numpy as np
 def greedy(llm, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
     """n greedy tokens after prompt, with the logits each was chosen from."""
     import llama_cpp
-    from iceformer_llama.generate import last_logits
+    from iceformer_llama.runtime.generate import last_logits
 
     llm.reset()
     llm.eval(prompt)
@@ -85,9 +85,9 @@ def main() -> int:
         ap.error("need --length >= 16, --prompts >= 1, -n >= 1, --start >= 0")
 
     import iceformer_llama
-    from iceformer_llama.corpus import document_tokens, stdlib_text
-    from iceformer_llama.evaluate import build_variants
-    from iceformer_llama.models import bundled_model_path
+    from iceformer_llama.evaluation.corpus import document_tokens, stdlib_text
+    from iceformer_llama.evaluation.evaluate import build_variants
+    from iceformer_llama.runtime.models import bundled_model_path
 
     try:
         variants = build_variants(iceformer_llama.IceformerSettings(speed=args.speed), args.variant)

@@ -47,9 +47,9 @@ def main() -> int:
         ap.error("need 0 < --prompt < --ctx, --generate >= 1 and 0 <= --keep < --prompt")
 
     import iceformer_llama
-    from iceformer_llama import backend
-    from iceformer_llama.corpus import document_tokens
-    from iceformer_llama.models import bundled_model_path
+    from iceformer_llama.runtime import backend
+    from iceformer_llama.evaluation.corpus import document_tokens
+    from iceformer_llama.runtime.models import bundled_model_path
 
     iceformer_llama.use_backend("patched")
     settings = iceformer_llama.IceformerSettings(speed=args.speed)

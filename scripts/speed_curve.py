@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from iceformer_llama import bench
-from iceformer_llama.models import bundled_model_path
-from iceformer_llama.settings import SPEED_LEVELS, IceformerSettings
+from iceformer_llama.evaluation import bench
+from iceformer_llama.runtime.models import bundled_model_path
+from iceformer_llama.runtime.settings import SPEED_LEVELS, IceformerSettings
 
 
 def measure(args) -> dict:

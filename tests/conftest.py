@@ -28,7 +28,7 @@ def assert_one_line_error(proc, *fragments):
 
 @pytest.fixture(scope="session")
 def bundled_model():
-    from iceformer_llama.models import bundled_model_path
+    from iceformer_llama.runtime.models import bundled_model_path
 
     path = bundled_model_path()
     if path is None:
@@ -39,7 +39,7 @@ def bundled_model():
 @pytest.fixture(scope="session")
 def builds():
     """Both builds must exist (make test builds them once per run)."""
-    from iceformer_llama.build import find_build
+    from iceformer_llama.building.build import find_build
 
     found = {kind: find_build(kind) for kind in ("patched", "stock")}
     missing = [k for k, v in found.items() if v is None or not v.current]

@@ -10,9 +10,9 @@ import numpy as np
 
 
 def load_native():
-    """iceformer_llama.native, building the cffi module in place first if it is missing."""
+    """iceformer_llama.runtime.native, building the cffi module in place first if it is missing."""
     try:
-        return importlib.import_module("iceformer_llama.native")
+        return importlib.import_module("iceformer_llama.runtime.native")
     except ImportError:
         import os
         import sys
@@ -25,7 +25,7 @@ def load_native():
             sys.path.pop(0)
         _native_build.build_in_place()
         importlib.invalidate_caches()
-        return importlib.import_module("iceformer_llama.native")
+        return importlib.import_module("iceformer_llama.runtime.native")
 
 
 def reference_attention(q, k, v, mask, scale):

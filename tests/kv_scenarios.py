@@ -234,8 +234,8 @@ def main() -> int:
     spec = json.loads(Path(spec_path).read_text())
 
     import iceformer_llama
-    from iceformer_llama import backend
-    from iceformer_llama.models import bundled_model_path
+    from iceformer_llama.runtime import backend
+    from iceformer_llama.runtime.models import bundled_model_path
 
     iceformer_llama.use_backend("patched")
     lc = backend.load()

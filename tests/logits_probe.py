@@ -28,7 +28,7 @@ def main() -> int:
         overrides[k] = v == "true" if v in ("true", "false") else (tuple(int(x) for x in v.split(",") if x) if k in ("dense_layers", "layer_budget") else int(v))
 
     import iceformer_llama
-    from iceformer_llama.models import bundled_model_path
+    from iceformer_llama.runtime.models import bundled_model_path
 
     iceformer_llama.use_backend(backend_name)
     llm = iceformer_llama.Llama(str(bundled_model_path()), attention=attention,

@@ -16,7 +16,7 @@ import numpy as np
 def main() -> int:
     out, n, layers = sys.argv[1], int(sys.argv[2]), [int(x) for x in sys.argv[3].split(",")]
     import iceformer_llama as il
-    from iceformer_llama import corpus
+    from iceformer_llama.evaluation import corpus
 
     llm = il.Llama(None, n_ctx=n + 64, n_batch=512, n_ubatch=512, n_threads=2, attention="dense")
     info = llm.model_info

@@ -119,7 +119,7 @@ def test_greedy_generation_matches_llama_cpps_greedy_sampler(builds, bundled_mod
     """generate() at temperature 0 reads the argmax straight from the logits; llama.cpp's own sampler
     chain at temperature 0 must pick the same tokens."""
     code = ("import iceformer_llama as il\n"
-            "from iceformer_llama.generate import generate\n"
+            "from iceformer_llama.runtime.generate import generate\n"
             "llm = il.Llama(None, n_ctx=256, attention='iceformer')\n"
             "prompt = 'The three primary colours are'\n"
             "fast = generate(llm, prompt, n_predict=24).text\n"

@@ -9,13 +9,13 @@ import sys
 import pytest
 
 from conftest import ROOT
-from iceformer_llama import bench, evaluate, tasks
-from iceformer_llama.settings import IceformerSettings
+from iceformer_llama.evaluation import bench, evaluate, tasks
+from iceformer_llama.runtime.settings import IceformerSettings
 
 # The commands through their own register() functions, independent of how cli.py wires them.
 _DRIVER = ("import sys\n"
            "from iceformer_llama import bench, evaluate\n"
-           "from iceformer_llama.cli import _Parser\n"
+           "from iceformer_llama.commands.cli import _Parser\n"
            "p = _Parser(prog='iceformer_llama')\n"
            "s = p.add_subparsers(dest='command', required=True, parser_class=_Parser)\n"
            "bench.register(s); evaluate.register(s)\n"
@@ -80,13 +80,13 @@ def test_summary_edge_cases():
 
 
 def test_settings_flags_round_trip():
-    from iceformer_llama.cli import build_parser
+    from iceformer_llama.commands.cli import build_parser
 
     s = IceformerSettings(top_k=32, tail_estimate=False, dense_layers=(0, 2), top_blocks=8, layer_budget=(100, 250))
     flags = bench.settings_flags(s)
     assert flags == ["--top-k", "32", "--top-blocks", "8", "--dense-layers", "0,2", "--layer-budget", "100,250",
                      "--tail-estimate", "off"]
-    from iceformer_llama.settings import from_arguments
+    from iceformer_llama.runtime.settings import from_arguments
     args = build_parser().parse_args(["generate", "-p", "x", *flags])
     assert from_arguments(args) == s
 
@@ -222,7 +222,7 @@ def test_bench_refuses_a_bad_variant_in_one_line(args, message, tmp_path):
 
 @pytest.fixture(scope="module")
 def eval_result(builds, bundled_model, tmp_path_factory):
-    from iceformer_llama.models import check_gguf
+    from iceformer_llama.runtime.models import check_gguf
 
     all_layers = "+".join(map(str, range(check_gguf(bundled_model).n_layers)))
     out = tmp_path_factory.mktemp("eval") / "eval.json"

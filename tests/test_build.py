@@ -7,9 +7,11 @@ import time
 
 import pytest
 
-from iceformer_llama import _pins, build
+from iceformer_llama import _pins
+
+from iceformer_llama.building import build
 from iceformer_llama.errors import BuildError
-from iceformer_llama.source import downloads_dir, fetch_sdist
+from iceformer_llama.building.source import downloads_dir, fetch_sdist
 
 from conftest import assert_one_line_error, run_cli
 

@@ -18,7 +18,7 @@ from hf_endpoint import HubEndpoint  # noqa: E402
 from iceformer_llama import models  # noqa: E402
 from iceformer_llama._pins import BUNDLED_GGUF_MEMBER  # noqa: E402
 from iceformer_llama.errors import ModelError  # noqa: E402
-from iceformer_llama.models import (  # noqa: E402
+from iceformer_llama.runtime.models import (  # noqa: E402
     ALIASES,
     HubFile,
     check_gguf,

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iceformer_llama import native
+from iceformer_llama.runtime import native
 
 CAPTURE = Path(__file__).with_name("real_keys.py")
 LAYERS = (5, 15, 25)

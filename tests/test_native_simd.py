@@ -35,7 +35,7 @@ CONFIGS = {
 
 CHILD = """
 import sys, numpy as np
-from iceformer_llama import native
+from iceformer_llama.runtime import native
 d = np.load(sys.argv[1])
 cfgs = eval(sys.argv[3])
 out = {"variant": np.array(native.simd_variant())}

@@ -7,7 +7,7 @@ import pytest
 
 from iceformer_llama import _pins
 from iceformer_llama.errors import BuildError
-from iceformer_llama.source import PATCH_DIR, apply_series, fetch_sdist, patch_paths, prepare_tree
+from iceformer_llama.building.source import PATCH_DIR, apply_series, fetch_sdist, patch_paths, prepare_tree
 
 
 def test_every_patch_is_pinned_and_in_the_readme_table():
@@ -56,11 +56,11 @@ def test_a_patch_that_does_not_apply_is_named_with_its_file(pristine, tmp_path):
 
 
 def test_ctypes_params_mirror_the_patched_header():
-    """iceformer_llama.ice_ctypes declares struct llama_iceformer_params by hand: same fields, order and
+    """iceformer_llama.runtime.ice_ctypes declares struct llama_iceformer_params by hand: same fields, order and
     C types as patch 0001's llama.h, or every setting after a mismatch would land in the wrong field."""
     import ctypes
 
-    from iceformer_llama.ice_ctypes import MAX_LAYERS, llama_iceformer_params
+    from iceformer_llama.runtime.ice_ctypes import MAX_LAYERS, llama_iceformer_params
 
     text = (PATCH_DIR / "0001-iceformer-attention-api-and-hook.patch").read_text()
     body = re.search(r"^\+\s*struct llama_iceformer_params \{\n(.*?)^\+\s*\};", text, flags=re.M | re.S).group(1)
@@ -75,6 +75,6 @@ def test_ctypes_params_mirror_the_patched_header():
     for (name, got), (_, want) in zip(declared, expected):
         assert ctypes.sizeof(got) == ctypes.sizeof(want) and getattr(got, "_type_", got) == getattr(want, "_type_", want), name
     assert re.search(rf"#define LLAMA_ICEFORMER_MAX_LAYERS {MAX_LAYERS}\b", text)
-    from iceformer_llama import settings
+    from iceformer_llama.runtime import settings
     assert settings.MAX_LAYERS == MAX_LAYERS
     assert re.search(rf"#define LLAMA_ICEFORMER_MAX_LAYER_BUDGET {settings.MAX_LAYER_BUDGET}\b", text)

@@ -24,7 +24,7 @@ N_CTX = 512
 # Until cli.py registers `serve` itself, register it here (a no-op once it does).
 _LAUNCH = """
 import argparse, sys
-from iceformer_llama import cli, serve
+from iceformer_llama.commands import cli, serve
 build = cli.build_parser
 def build_parser():
     parser = build()

@@ -6,8 +6,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from iceformer_llama import native
-from iceformer_llama.settings import DEFAULT_SPEED, SPEED_LEVELS, IceformerSettings
+from iceformer_llama.runtime import native
+from iceformer_llama.runtime.settings import DEFAULT_SPEED, SPEED_LEVELS, IceformerSettings
 from test_dense_identity import probe
 
 
@@ -73,8 +73,8 @@ def test_bad_layer_budgets_are_refused(bad):
 
 
 def test_layer_budget_flag_parses_percentages():
-    from iceformer_llama.cli import build_parser
-    from iceformer_llama.settings import from_arguments
+    from iceformer_llama.commands.cli import build_parser
+    from iceformer_llama.runtime.settings import from_arguments
 
     args = build_parser().parse_args(["generate", "-p", "x", "--layer-budget", "100,250,0"])
     assert from_arguments(args).layer_budget == (100, 250, 0)
@@ -98,8 +98,8 @@ def test_layer_budget_scales_top_blocks_layer_by_layer(builds, bundled_model, tm
 
 
 def test_profiles_fit_their_models(bundled_model):
-    from iceformer_llama import profiles
-    from iceformer_llama.models import check_gguf
+    from iceformer_llama.runtime import profiles
+    from iceformer_llama.runtime.models import check_gguf
 
     for (arch, name, n_layers, *_), budget in profiles.PROFILES.items():
         assert len(budget) == n_layers

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .build import KINDS, find_build
-from .errors import BackendError
+from ..building.build import KINDS, find_build
+from ..errors import BackendError
 
 ENV_VAR = "ICEFORMER_LLAMA_BACKEND"
 DEFAULT = "patched"

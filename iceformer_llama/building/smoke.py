@@ -1,4 +1,4 @@
-"""Child-process smoke test of freshly built libraries: python -m iceformer_llama._smoke LIB_DIR [MODEL]."""
+"""Child-process smoke test of freshly built libraries: python -m iceformer_llama.building.smoke LIB_DIR [MODEL]."""
 
 import os
 import sys

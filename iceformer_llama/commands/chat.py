@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from .settings import DEFAULT_SPEED, SPEED_LEVELS
+from ..runtime.settings import DEFAULT_SPEED, SPEED_LEVELS
 
 HELP = "/reset starts over, /speed N sets the latency knob, /exit quits, Ctrl-C stops a reply"
 

@@ -29,9 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import IceformerError, UsageError
+from ..errors import IceformerError, UsageError
+from ..runtime.settings import IceformerSettings
 from .report import write_results
-from .settings import IceformerSettings
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192)
 METRICS = ("prefill", "decode")
@@ -204,9 +204,9 @@ def run_one(cmd: list[str], *, timeout: float) -> dict:
 
 def write_documents(model: str, lengths, folder: Path) -> dict[int, Path]:
     """Corpus documents of each length (tokens of this model, BOS excluded from the text), as files."""
-    from . import backend
+    from ..runtime import backend
+    from ..runtime.llama import Llama
     from .corpus import document_tokens
-    from .llama import Llama
 
     # Tokenizing needs a loaded model: the child processes pick their own backend, so this one may use
     # whichever is built (vocab_only: no weights are read).
@@ -340,8 +340,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def cmd_bench(args) -> int:
-    from .models import check_gguf, resolve_model
-    from .settings import from_arguments
+    from ..runtime.models import check_gguf, resolve_model
+    from ..runtime.settings import from_arguments
 
     model = str(resolve_model(args.model))
     info = check_gguf(model)
@@ -393,9 +393,9 @@ def cmd_bench(args) -> int:
 
 def register(subparsers) -> None:
     """Adds the `bench` subcommand."""
-    from .cli import _non_negative, _positive
+    from ..runtime.options import non_negative, positive
+    from ..runtime.settings import add_arguments
     from .evaluate import variant_argument
-    from .settings import add_arguments
 
     p = subparsers.add_parser("bench", help="prefill/decode tokens/s, patched against stock llama.cpp",
                               description=__doc__.split("\n\n")[1])
@@ -403,17 +403,17 @@ def register(subparsers) -> None:
     p.add_argument("--lengths", type=parse_lengths, default=list(DEFAULT_LENGTHS),
                    help="comma-separated prompt lengths in tokens, capped at the model's trained context "
                         f"(default {','.join(map(str, DEFAULT_LENGTHS))})")
-    p.add_argument("--repeat", type=_positive, default=3, help="measured runs per length and build (default 3)")
-    p.add_argument("--warmup", type=_non_negative, default=1,
+    p.add_argument("--repeat", type=positive, default=3, help="measured runs per length and build (default 3)")
+    p.add_argument("--warmup", type=non_negative, default=1,
                    help="discarded rounds before measuring, at the first length (default 1)")
-    p.add_argument("--threads", "-t", type=_positive, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--batch-size", "-b", type=_positive, default=512, help="prompt tokens per ubatch (default 512)")
-    p.add_argument("-n", "--n-predict", type=_positive, default=32, help="tokens decoded per run (default 32)")
+    p.add_argument("--threads", "-t", type=positive, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--batch-size", "-b", type=positive, default=512, help="prompt tokens per ubatch (default 512)")
+    p.add_argument("-n", "--n-predict", type=positive, default=32, help="tokens decoded per run (default 32)")
     p.add_argument("--flash-attn", choices=("on", "off", "auto"), default="auto",
                    help="flash attention of the patched build's dense layers (default auto)")
     p.add_argument("--stock-flash-attn", choices=("both", "on", "off"), default="both",
                    help="stock runs: both (default; the faster per length is the baseline), on or off")
-    p.add_argument("--timeout", type=_positive, default=1800, help="seconds allowed per run (default 1800)")
+    p.add_argument("--timeout", type=positive, default=1800, help="seconds allowed per run (default 1800)")
     p.add_argument("--out", "-o", default="results/bench.json", help="JSON path; the PNG goes beside it")
     p.add_argument("--variant", action="append", type=variant_argument, metavar="KNOB=V,...",
                    help="a patched setting to run in the same rounds, on top of the knob flags (repeatable; "

@@ -22,13 +22,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _pins
-from .errors import BuildError
-from .paths import cache_dir
+from .. import _pins
+from ..errors import BuildError
+from ..paths import SOURCE_ROOT, cache_dir
 from .source import PATCH_DIR, patch_paths, prepare_tree
 
 KINDS = ("patched", "stock")
-NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
+NATIVE_DIR = SOURCE_ROOT / "native"
 LIB_GLOBS = ("libllama.so*", "libggml*.so*", "libllama.dylib", "libggml*.dylib")
 _TARGETS = ("llama", "ggml")
 
@@ -225,8 +225,8 @@ def smoke_test(lib_dir: Path, model: Path | None, timeout: float = 300) -> None:
     A child so that a crashing library (an illegal instruction, the AMX segfault) fails the
     build instead of the caller.
     """
-    cmd = [sys.executable, "-m", "iceformer_llama._smoke", str(lib_dir)] + ([str(model)] if model else [])
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    cmd = [sys.executable, "-m", "iceformer_llama.building.smoke", str(lib_dir)] + ([str(model)] if model else [])
+    env = dict(os.environ, PYTHONPATH=str(SOURCE_ROOT))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ._pins import BUNDLED_GGUF_MEMBER, BUNDLED_WHEEL, BUNDLED_WHEEL_SHA256
-from .errors import ModelError
-from .paths import cache_dir, sha256_of
+from .._pins import BUNDLED_GGUF_MEMBER, BUNDLED_WHEEL, BUNDLED_WHEEL_SHA256
+from ..errors import ModelError
+from ..paths import cache_dir, sha256_of
 from .gguf_check import GGUFInfo, check_gguf
 
 __all__ = [

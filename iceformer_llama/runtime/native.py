@@ -21,10 +21,10 @@ import threading
 
 import numpy as np
 
-from .errors import IceformerError
+from ..errors import IceformerError
 
 try:
-    from ._iceformer_native import ffi, lib
+    from .._iceformer_native import ffi, lib
 except ImportError as exc:  # pragma: no cover - depends on the build
     raise ImportError(
         "iceformer_llama._iceformer_native is not built: run `pip install -e .` "

@@ -16,14 +16,14 @@ import os
 import socket
 import sys
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def register(subparsers) -> None:
-    from .cli import _add_model_args
+    from ..runtime.options import add_model_args
 
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (completions and chat)")
-    _add_model_args(p, ctx_default=4096)
+    add_model_args(p, ctx_default=4096)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
@@ -49,10 +49,10 @@ def cmd_serve(args) -> int:
         import uvicorn
     except ImportError:
         raise UsageError("the server needs its extra packages; run: pip install 'iceformer-llama[server]'") from None
-    from .cli import _open_model
+    from ..runtime.options import open_model
 
     sock = _listen(args.host, args.port)
-    with sock, _open_model(args) as llm:
+    with sock, open_model(args) as llm:
         app = _create_app(llm, api_key=args.api_key, interrupt_requests=args.interrupt_requests)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host

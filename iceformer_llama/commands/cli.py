@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 
-from . import _pins
-from .errors import IceformerError, UsageError
-from .settings import int_at_least
+from .. import _pins
+from ..errors import IceformerError, UsageError
+from ..runtime.options import add_model_args, non_negative, open_model, positive
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,50 +21,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see: python -m iceformer_llama {self.prog.split()[-1]} --help)\n")
 
 
-_positive = int_at_least(1)
-_non_negative = int_at_least(0)
-
-
-def _add_model_args(p: argparse.ArgumentParser, *, ctx_default: int) -> None:
-    from .settings import add_arguments
-
-    p.add_argument("--model", "-m", default=None,
-                   help="GGUF path, alias (llama-2-7b, llama-2-7b-chat, llama-2-13b-chat) or REPO_ID:FILENAME; "
-                        "default: the bundled SmolLM2-135M-Instruct")
-    p.add_argument("--backend", choices=("patched", "stock"), default=None,
-                   help="llama.cpp build to load (default: $ICEFORMER_LLAMA_BACKEND or patched)")
-    p.add_argument("--ctx-size", "-c", type=_positive, default=ctx_default, help=f"context tokens (default {ctx_default})")
-    p.add_argument("--threads", "-t", type=_positive, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--batch-size", "-b", type=_positive, default=512, help="prompt tokens per ubatch (default 512)")
-    p.add_argument("--flash-attn", choices=("on", "off", "auto"), default="auto",
-                   help="llama.cpp flash attention in dense layers (auto: on, as llama.cpp picks on CPUs)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--temp", type=float, default=None, help="sampling temperature")
-    add_arguments(p)
-
-
-def _open_model(args, *, logits_all: bool = False):
-    from . import backend
-    from .llama import Llama
-    from .settings import from_arguments
-
-    settings = from_arguments(args)
-    if args.backend == "stock" and settings.overrides():
-        flags = ", ".join(f.metadata["flag"] for f in dataclasses.fields(settings) if getattr(settings, f.name) is not None)
-        raise UsageError(f"IceFormer knobs ({flags}) need the patched backend; stock llama.cpp runs dense attention")
-    if args.backend:
-        backend.use_backend(args.backend)
-    attention = args.attention if backend.selected() == "patched" else "dense"
-    threads = args.threads or os.cpu_count() or 1
-    return Llama(args.model, attention=attention, iceformer=settings, n_ctx=args.ctx_size,
-                 n_batch=args.batch_size, n_ubatch=args.batch_size, n_threads=threads, n_threads_batch=threads,
-                 flash_attn=(args.flash_attn != "off"), logits_all=logits_all,
-                 seed=args.seed if args.seed is not None else 0xFFFFFFFF)
-
-
 def cmd_setup(args) -> int:
     """Installs llama-cpp-python's Python layer, fetches the bundled model, builds the backends."""
-    from . import build, models
+    from ..building import build
+    from ..runtime import models
 
     # find_spec, not import: importing llama_cpp loads a libllama, and none is chosen yet
     if importlib.util.find_spec("llama_cpp") is None:
@@ -82,7 +41,8 @@ def cmd_setup(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from . import build, models
+    from ..building import build
+    from ..runtime import models
 
     if args.info:
         print("\n".join(build.describe()))
@@ -95,7 +55,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from .models import check_gguf, download_model
+    from ..runtime.models import check_gguf, download_model
 
     path = download_model(args.model, progress=sys.stderr.isatty())
     check_gguf(path)
@@ -106,13 +66,13 @@ def cmd_download(args) -> int:
 def cmd_chat(args) -> int:
     from .chat import run_chat
 
-    with _open_model(args) as llm:
+    with open_model(args) as llm:
         return run_chat(llm, max_tokens=args.n_predict, temperature=0.7 if args.temp is None else args.temp,
                         seed=args.seed, system=args.system)
 
 
 def cmd_generate(args) -> int:
-    from .generate import generate
+    from ..runtime.generate import generate
 
     if args.prompt_file:
         try:
@@ -122,7 +82,7 @@ def cmd_generate(args) -> int:
             raise UsageError(f"cannot read prompt file {args.prompt_file}: {e.strerror}") from None
     else:
         prompt = args.prompt
-    with _open_model(args) as llm:
+    with open_model(args) as llm:
         stream = None if args.json else (lambda piece: (sys.stdout.buffer.write(piece), sys.stdout.flush()))
         result = generate(llm, prompt, n_predict=args.n_predict, temperature=args.temp or 0.0, seed=args.seed,
                           on_text=stream)
@@ -149,14 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("setup", help="install the Python layer, fetch the bundled model, build the patched backend")
     p.add_argument("--stock", action="store_true", help="also build stock llama.cpp (for comparisons and tests)")
-    p.add_argument("-j", "--jobs", type=_positive, default=None, help="parallel compile jobs")
+    p.add_argument("-j", "--jobs", type=positive, default=None, help="parallel compile jobs")
     p.set_defaults(func=cmd_setup)
 
     p = sub.add_parser("build", help="build the patched (or stock) llama.cpp libraries")
     p.add_argument("--stock", action="store_true", help="build stock llama.cpp: same source and flags, no patches")
     p.add_argument("--info", action="store_true", help="print what is built and where")
     p.add_argument("--force", action="store_true", help="rebuild even when an identical build exists")
-    p.add_argument("-j", "--jobs", type=_positive, default=None, help="parallel compile jobs")
+    p.add_argument("-j", "--jobs", type=positive, default=None, help="parallel compile jobs")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("download", help="download a model from the Hugging Face hub")
@@ -164,21 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("chat", help="chat with a model (the bundled one by default)")
-    _add_model_args(p, ctx_default=4096)
-    p.add_argument("-n", "--n-predict", type=_non_negative, default=512, help="max tokens per reply (default 512)")
+    add_model_args(p, ctx_default=4096)
+    p.add_argument("-n", "--n-predict", type=non_negative, default=512, help="max tokens per reply (default 512)")
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="one completion, optionally as JSON with timings")
-    _add_model_args(p, ctx_default=4096)
+    add_model_args(p, ctx_default=4096)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", "-p", help="prompt text")
     src.add_argument("--prompt-file", "-f", help="file holding the prompt")
-    p.add_argument("-n", "--n-predict", type=_non_negative, default=128, help="tokens to generate (default 128)")
+    p.add_argument("-n", "--n-predict", type=non_negative, default=128, help="tokens to generate (default 128)")
     p.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
     p.set_defaults(func=cmd_generate)
 
-    from . import bench, evaluate, serve
+    from ..evaluation import bench, evaluate
+    from . import serve
     bench.register(sub)
     evaluate.register(sub)
     serve.register(sub)

@@ -11,11 +11,11 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from . import _pins
-from .errors import BuildError
-from .paths import cache_dir, sha256_of
+from .. import _pins
+from ..errors import BuildError
+from ..paths import SOURCE_ROOT, cache_dir, sha256_of
 
-PATCH_DIR = Path(__file__).resolve().parent.parent / "patches"
+PATCH_DIR = SOURCE_ROOT / "patches"
 
 # Parts of the vendored tree a library-only build never reads (docs, vocab files, tools...).
 _SKIPPED_TOP_DIRS = {"models", "docs", "tools", "examples", "tests", "benches", "media", "conversion", "gguf-py"}

@@ -25,9 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
+from ..runtime.settings import IceformerSettings
+from .corpus import SOURCE as corpus_source
 from .report import write_results
-from .settings import IceformerSettings
 
 DEFAULT_LENGTHS = (1024, 2048, 4096)
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
@@ -240,11 +241,11 @@ def task_seed(base: int, task: str, length: int, depth: float, trial: int) -> in
 
 
 def _open(args, ctx_size: int, *, logits_all: bool):
-    from .cli import _open_model
+    from ..runtime.options import open_model
 
     ns = argparse.Namespace(**vars(args))
     ns.backend, ns.attention, ns.ctx_size, ns.seed = "patched", "dense", ctx_size, None
-    return _open_model(ns, logits_all=logits_all)
+    return open_model(ns, logits_all=logits_all)
 
 
 def agreement(a, b, first: int) -> tuple[float, float]:
@@ -282,7 +283,7 @@ def run_documents(llm, lengths, variants, *, score_from: float, bar, floor_llm=N
 
 
 def run_tasks(llm, tasks, lengths, depths, trials: int, variants, *, seed: int, n_predict: int, bar) -> list[dict]:
-    from .generate import generate
+    from ..runtime.generate import generate
     from .tasks import make_task
 
     def count(text: str) -> int:
@@ -364,8 +365,8 @@ def plot(result: dict, path: Path) -> None:
 def cmd_eval(args) -> int:
     from tqdm import tqdm
 
-    from .models import check_gguf, resolve_model
-    from .settings import from_arguments
+    from ..runtime.models import check_gguf, resolve_model
+    from ..runtime.settings import from_arguments
     from .tasks import TASKS
 
     model = str(resolve_model(args.model))
@@ -408,7 +409,7 @@ def cmd_eval(args) -> int:
     result = {
         "command": "python -m iceformer_llama " + shlex.join(sys.argv[1:]),
         "model": model, "model_name": info.name, "context_length": info.context_length,
-        "corpus": __import__("iceformer_llama.corpus", fromlist=["SOURCE"]).SOURCE,
+        "corpus": corpus_source,
         "threads": threads, "flash_attn": args.flash_attn, "batch_size": args.batch_size,
         "lengths": lengths, "score_from": args.score_from,
         "task_lengths": task_lengths if tasks else [], "depths": args.depths, "trials": args.trials, "seed": seed,
@@ -451,9 +452,9 @@ def variant_argument(text: str) -> str:
 
 def register(subparsers) -> None:
     """Adds the `eval` subcommand."""
+    from ..runtime.options import positive
+    from ..runtime.settings import add_arguments
     from .bench import parse_lengths
-    from .cli import _positive
-    from .settings import add_arguments
 
     p = subparsers.add_parser("eval", help="accuracy of IceFormer against dense: agreement, KL, perplexity, "
                                            "passkey and line retrieval", description=__doc__.split("\n\n")[0])
@@ -469,15 +470,15 @@ def register(subparsers) -> None:
     p.add_argument("--task-lengths", type=parse_lengths, default=None, help="task prompt lengths (default: --lengths)")
     p.add_argument("--depths", type=_fractions, default=list(DEFAULT_DEPTHS),
                    help="needle depths, 0 = start (default 0.1,0.5,0.9)")
-    p.add_argument("--trials", type=_positive, default=2, help="prompts per task, length and depth (default 2)")
+    p.add_argument("--trials", type=positive, default=2, help="prompts per task, length and depth (default 2)")
     p.add_argument("--seed", type=int, default=None, help="seed of the generated tasks (default 0)")
-    p.add_argument("-n", "--n-predict", type=_positive, default=8, help="tokens generated per answer (default 8)")
+    p.add_argument("-n", "--n-predict", type=positive, default=8, help="tokens generated per answer (default 8)")
     p.add_argument("--variant", action="append", type=variant_argument, metavar="KNOB=V,...",
                    help="a setting to evaluate, on top of the knob flags (repeatable), e.g. top_blocks=8,block_size=32")
     p.add_argument("--settings", type=_load_settings_list, default=None, metavar="JSON",
                    help='a JSON list of settings (or a file holding one), e.g. \'[{"top_k": 32}, {"top_blocks": 8}]\'')
-    p.add_argument("--threads", "-t", type=_positive, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--batch-size", "-b", type=_positive, default=512, help="prompt tokens per ubatch (default 512)")
+    p.add_argument("--threads", "-t", type=positive, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--batch-size", "-b", type=positive, default=512, help="prompt tokens per ubatch (default 512)")
     p.add_argument("--flash-attn", choices=("on", "off", "auto"), default="auto",
                    help="flash attention in dense attention (default auto)")
     p.add_argument("--rounding-floor", choices=("on", "off"), default="on", type=str.lower,

@@ -6,8 +6,8 @@ import dataclasses
 import inspect
 from pathlib import Path
 
+from ..errors import BackendError, UsageError
 from . import backend
-from .errors import BackendError, UsageError
 from .profiles import layer_budget_for
 from .settings import ATTENTION_MODES, IceformerSettings
 

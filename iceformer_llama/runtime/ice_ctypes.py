@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 
-from .errors import BackendError, UsageError
+from ..errors import BackendError, UsageError
 from .settings import IceformerSettings
 
 LLAMA_ATTN_MODE_DENSE = 0

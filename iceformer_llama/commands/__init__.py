@@ -1,0 +1,1 @@
+"""The command line: `python -m iceformer_llama COMMAND` (setup, build, chat, generate, serve, ...)."""

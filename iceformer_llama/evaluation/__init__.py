@@ -1,0 +1,1 @@
+"""Measuring: speed against stock (bench), accuracy against dense (eval), corpora and tasks."""
