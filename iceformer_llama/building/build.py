@@ -11,6 +11,7 @@ Layout under cache_dir():
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from .. import _pins
 from ..errors import BuildError
-from ..paths import SOURCE_ROOT, cache_dir
+from ..paths import SOURCE_ROOT, cache_dir, cache_lock
 from .source import PATCH_DIR, patch_paths, prepare_tree
 
 KINDS = ("patched", "stock")
@@ -249,10 +250,34 @@ def build(kind: str = "patched", *, jobs: int | None = None, progress: bool | No
     key = build_key(kind, flags)
     name = f"{kind}-{key}"
     final = builds_dir() / name
+    started_waiting = time.time()
     if (final / "build.json").exists() and not force:
         _last_good_file(kind).write_text(name)
         return _info(kind, name, True)
+    if not python_layer_installed():
+        # Without it the smoke test cannot load the library: say so before compiling, not after.
+        raise BuildError(f"llama-cpp-python's Python layer is not installed in this Python ({sys.executable}); "
+                         "run: python -m iceformer_llama setup")
+    with cache_lock(f"build-{kind}", waiting_for=f"to finish building {kind} llama.cpp", log=log):
+        if (final / "build.json").exists() and (not force or _built_since(final, started_waiting)):
+            _last_good_file(kind).write_text(name)  # the other process built it while we waited
+            return _info(kind, name, True)
+        return _build_locked(kind, flags, key, jobs=jobs, progress=progress, smoke_model=smoke_model, log=log)
 
+
+def python_layer_installed() -> bool:
+    """llama-cpp-python's Python layer, which loads our libraries, is importable (found, not imported:
+    importing it loads a libllama)."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _built_since(final: Path, t: float) -> bool:
+    return (final / "build.json").stat().st_mtime >= t
+
+
+def _build_locked(kind: str, flags: dict, key: str, *, jobs, progress, smoke_model, log) -> BuildInfo:
+    name = f"{kind}-{key}"
+    final = builds_dir() / name
     progress = sys.stderr.isatty() if progress is None else progress
     started = time.monotonic()
     work = cache_dir() / "work" / kind
@@ -307,10 +332,15 @@ def describe() -> list[str]:
              f"patches: {', '.join(_pins.PATCHES)} (in {PATCH_DIR})",
              f"cache: {cache_dir()}",
              f"cpu: GGML_NATIVE=ON, AMX {'reported by this CPU and disabled' if flags['cpu_has_amx'] else 'off'}"]
+    layer = python_layer_installed()
+    if not layer:
+        lines.append("llama-cpp-python: Python layer not installed (run: python -m iceformer_llama setup)")
     for kind in KINDS:
         info = find_build(kind, flags=flags)
         if info is None:
-            lines.append(f"{kind}: not built (run: python -m iceformer_llama build{' --stock' if kind == 'stock' else ''})")
+            todo = f"setup{' --stock' if kind == 'stock' else ''}" if not layer else \
+                f"build{' --stock' if kind == 'stock' else ''}"
+            lines.append(f"{kind}: not built (run: python -m iceformer_llama {todo})")
             continue
         m = info.manifest()
         state = "up to date" if info.current else "outdated (sources changed since; last good build)"

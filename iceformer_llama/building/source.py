@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .. import _pins
 from ..errors import BuildError
-from ..paths import SOURCE_ROOT, cache_dir, sha256_of
+from ..paths import SOURCE_ROOT, cache_dir, cache_lock, sha256_of
 
 PATCH_DIR = SOURCE_ROOT / "patches"
 
@@ -38,25 +38,37 @@ def fetch_sdist(*, expected_sha256: str = _pins.LLAMA_CPP_PYTHON_SHA256) -> Path
     """
     target = downloads_dir() / _pins.LLAMA_CPP_PYTHON_SDIST
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pip-") as tmp:
-            # --no-build-isolation: pip must only read metadata, not build cmake from source.
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-                   "--no-binary", "llama-cpp-python", "--disable-pip-version-check", "-q",
-                   f"llama-cpp-python=={_pins.LLAMA_CPP_PYTHON_VERSION}", "-d", tmp]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            got = Path(tmp) / _pins.LLAMA_CPP_PYTHON_SDIST
-            if proc.returncode != 0 or not got.exists():
-                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                raise BuildError(f"could not download llama-cpp-python {_pins.LLAMA_CPP_PYTHON_VERSION} "
-                                 f"source with pip ({last}); check the network or the package index")
-            os.replace(got, target)
+        with cache_lock("sdist", waiting_for="to finish downloading the llama.cpp source"):
+            if not target.exists():
+                _download_sdist(target)
     actual = sha256_of(target)
     if actual != expected_sha256:
         target.unlink()
         raise BuildError(f"sha256 mismatch for {target.name}: expected {expected_sha256}, got {actual}; "
                          "the file was deleted and nothing was unpacked")
     return target
+
+
+def _download_sdist(target: Path) -> None:
+    """pip download of the sdist into target; pip's progress bar shows on a terminal."""
+    print(f"downloading llama-cpp-python {_pins.LLAMA_CPP_PYTHON_VERSION} source (llama.cpp {_pins.LLAMA_CPP_COMMIT}, "
+          "77 MB) with pip", file=sys.stderr, flush=True)
+    show = sys.stderr.isatty()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pip-") as tmp:
+        # --no-build-isolation: pip must only read metadata, not build cmake from source.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+               "--no-binary", "llama-cpp-python", "--disable-pip-version-check", *([] if show else ["-q"]),
+               f"llama-cpp-python=={_pins.LLAMA_CPP_PYTHON_VERSION}", "-d", tmp]
+        # On a terminal pip writes to our stderr (stdout stays clean); otherwise its output is kept for the error.
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=2 if show else subprocess.PIPE,
+                              stderr=None if show else subprocess.PIPE, text=True)
+        got = Path(tmp) / _pins.LLAMA_CPP_PYTHON_SDIST
+        if proc.returncode != 0 or not got.exists():
+            last = ((proc.stderr or "").strip().splitlines() or ["see pip's output above" if show else "no output"])[-1]
+            raise BuildError(f"could not download llama-cpp-python {_pins.LLAMA_CPP_PYTHON_VERSION} "
+                             f"source with pip ({last}); check the network or the package index")
+        os.replace(got, target)
 
 
 def _extract_llama_cpp(sdist: Path, dest: Path) -> None:

