@@ -9,7 +9,7 @@ JOBS   ?=
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PY) -m pip install -q --disable-pip-version-check "llama-cpp-python==0.3.36"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,bench,server]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[build,test,bench,server]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -46,3 +46,12 @@ def builds():
     if missing:
         pytest.fail(f"missing or outdated builds: {missing}; run: python -m iceformer_llama setup --stock")
     return found
+
+
+@pytest.fixture(scope="session")
+def portable_builds(bundled_model):
+    """Both portable builds (built once, 5-10 minutes each on 2 cores, then cached)."""
+    from iceformer_llama.building import build
+
+    return {kind: build.build(kind, portable=True, smoke_model=bundled_model, log=lambda m: print(m, file=sys.stderr))
+            for kind in build.KINDS}

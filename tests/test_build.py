@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -13,7 +14,7 @@ from iceformer_llama.building import build
 from iceformer_llama.errors import BuildError
 from iceformer_llama.building.source import downloads_dir, fetch_sdist
 
-from conftest import assert_one_line_error, run_cli
+from conftest import ROOT, assert_one_line_error, run_cli
 
 
 def test_amx_is_disabled_when_the_cpu_reports_it():
@@ -112,3 +113,48 @@ def test_a_failed_build_keeps_the_last_good_one(builds, tmp_path, monkeypatch):
     assert found is not None and not found.current
     assert found.path.name == good.path.name and found.libllama.exists()
     assert not [p for p in (cache / "builds").iterdir() if p.name.startswith(".")]
+
+
+def _cli_without_llama_cpp(*args, cache):
+    """The CLI in a Python where llama-cpp-python's Python layer cannot be found."""
+    code = ("import sys; sys.modules['llama_cpp'] = None\n"  # find_spec() then answers None, as when not installed
+            "from iceformer_llama.commands.cli import main\n"
+            f"sys.exit(main({list(map(str, args))!r}))")
+    env = dict(os.environ, ICEFORMER_LLAMA_CACHE=str(cache))
+    env.pop("ICEFORMER_LLAMA_DEBUG", None)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_build_without_the_python_layer_says_run_setup_before_compiling(tmp_path):
+    start = time.monotonic()
+    proc = _cli_without_llama_cpp("build", "--stock", cache=tmp_path / "cache")
+    assert_one_line_error(proc, "llama-cpp-python", "run: python -m iceformer_llama setup")
+    assert time.monotonic() - start < 30, "it compiled before checking"
+    assert not (tmp_path / "cache" / "work").exists()
+
+    info = _cli_without_llama_cpp("build", "--info", cache=tmp_path / "cache")
+    assert info.returncode == 0, info.stderr
+    assert "python -m iceformer_llama setup" in info.stdout
+    assert "iceformer_llama build" not in info.stdout
+
+
+@pytest.mark.build
+def test_two_builds_at_once_into_an_empty_cache_run_one_build(tmp_path):
+    """Two `build --stock` processes started together: both succeed, one compiles, one log."""
+    cache = tmp_path / "cache"
+    (cache / "downloads").mkdir(parents=True)
+    os.symlink(fetch_sdist(), cache / "downloads" / _pins.LLAMA_CPP_PYTHON_SDIST)
+    env = dict(os.environ, ICEFORMER_LLAMA_CACHE=str(cache))
+    cmd = [sys.executable, "-m", "iceformer_llama", "build", "--stock"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=1200) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    assert outs[0][0] == outs[1][0] and outs[0][0].strip().endswith("/lib")
+    stderr = outs[0][1] + outs[1][1]
+    assert stderr.count("building stock llama.cpp") == 1, stderr
+    assert "waiting for another iceformer-llama process" in stderr, stderr
+    log = (cache / "work" / "stock" / "build.log").read_text()
+    assert log.count("$ ") == 2, "one cmake and one ninja run in the log"  # configure + compile, once
+    assert len(list((cache / "builds").glob("stock-*"))) == 1

@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_endpoint import HubEndpoint  # noqa: E402
 
-from iceformer_llama import models  # noqa: E402
+from iceformer_llama.runtime import models  # noqa: E402
 from iceformer_llama._pins import BUNDLED_GGUF_MEMBER  # noqa: E402
 from iceformer_llama.errors import ModelError  # noqa: E402
 from iceformer_llama.runtime.models import (  # noqa: E402

@@ -6,6 +6,8 @@ Layout under cache_dir():
   work/<kind>/build          cmake/ninja build dir, kept so edits to native/ or patches rebuild incrementally
   builds/<kind>-<key>/       finished libraries + build.json; created by rename, never half-written
   builds/<kind>.last-good    name of the newest build of that kind that passed its smoke test
+A portable build (`--portable`) uses work/<kind>-portable/ and builds/<kind>-portable.last-good.
+A wheel made by `wheelhouse` ships portable libraries in the package instead (iceformer_llama/_libs/<kind>/).
 """
 
 from __future__ import annotations
@@ -26,15 +28,22 @@ from pathlib import Path
 from .. import _pins
 from ..errors import BuildError
 from ..paths import SOURCE_ROOT, cache_dir, cache_lock
+from .ggml_modules import cpu_modules
 from .source import PATCH_DIR, patch_paths, prepare_tree
 
 KINDS = ("patched", "stock")
+# (module, pip requirement) of the tools a build needs; `setup` installs the missing ones (pyproject's [build]).
+BUILD_TOOLS = (("cmake", "cmake>=3.24"), ("ninja", "ninja>=1.11"), ("scikit_build_core", "scikit-build-core>=0.9"))
 NATIVE_DIR = SOURCE_ROOT / "native"
 LIB_GLOBS = ("libllama.so*", "libggml*.so*", "libllama.dylib", "libggml*.dylib")
 _TARGETS = ("llama", "ggml")
 
 # AMX tile instructions crash ggml's AMX matmul on the Xeons we build on; never emit them.
 _NO_AMX = ("-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16")
+# A portable build's CPU module compiled with AMX: it would be chosen on AMX Xeons, so it is not installed.
+_PORTABLE_SKIPPED = ("libggml-cpu-sapphirerapids.so",)
+# Libraries shipped inside a wheel (see wheelhouse.py).
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "_libs"
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,7 @@ class BuildInfo:
     path: Path          # builds/<kind>-<key>
     lib_dir: Path       # where libllama lives
     current: bool       # built from today's pins, patches, native sources and flags
+    portable: bool = False  # ggml's CPU backend as run-time-chosen modules (libggml-cpu-<isa>.so)
 
     @property
     def libllama(self) -> Path:
@@ -75,6 +85,17 @@ def cpu_flags(macros: set[str] | None = None) -> dict:
         "CMAKE_CXX_FLAGS": extra,
         "cpu_has_amx": has_amx,
     }
+
+
+def portable_flags() -> dict:
+    """CMake settings of a build that runs on any x86-64 with SSE4.2 (or any aarch64): ggml's CPU backend
+    compiled once per ISA level as modules, the best one chosen at run time, as llama.cpp's release builds
+    do. The kernel in libllama picks its SIMD at run time already (native/src/simd.c)."""
+    return {"GGML_NATIVE": "OFF", "GGML_BACKEND_DL": "ON", "GGML_CPU_ALL_VARIANTS": "ON", "portable": True}
+
+
+def build_flags(portable: bool) -> dict:
+    return portable_flags() if portable else cpu_flags()
 
 
 def cmake_defines(flags: dict, *, patched: bool) -> list[str]:
@@ -122,28 +143,54 @@ def builds_dir() -> Path:
     return cache_dir() / "builds"
 
 
-def _last_good_file(kind: str) -> Path:
-    return builds_dir() / f"{kind}.last-good"
+def _variant(kind: str, portable: bool) -> str:
+    return f"{kind}-portable" if portable else kind
 
 
-def _info(kind: str, name: str, current: bool) -> BuildInfo:
+def _last_good_file(kind: str, portable: bool = False) -> Path:
+    return builds_dir() / f"{_variant(kind, portable)}.last-good"
+
+
+def _info(kind: str, name: str, current: bool, portable: bool = False) -> BuildInfo:
     path = builds_dir() / name
-    return BuildInfo(kind=kind, key=name.split("-", 1)[1], path=path, lib_dir=path / "lib", current=current)
+    return BuildInfo(kind=kind, key=name.rsplit("-", 1)[1], path=path, lib_dir=path / "lib", current=current,
+                     portable=portable)
 
 
-def find_build(kind: str, *, flags: dict | None = None) -> BuildInfo | None:
-    """The build for today's sources if present, else the last good one (current=False), else None."""
+def _shipped(kind: str) -> BuildInfo | None:
+    path = SHIPPED_DIR / kind
+    if not (path / "build.json").exists():
+        return None
+    key = json.loads((path / "build.json").read_text())["key"]
+    return BuildInfo(kind=kind, key=key, path=path, lib_dir=path, current=True, portable=True)
+
+
+def _have_sources() -> bool:
+    """A source checkout (native/, patches/): builds can be keyed and made. A wheel install has none."""
+    return (NATIVE_DIR / "include" / "iceformer.h").is_file() and PATCH_DIR.is_dir()
+
+
+def find_build(kind: str, *, flags: dict | None = None, portable: bool | None = None) -> BuildInfo | None:
+    """The libraries to load for `kind`, best first: the build of today's sources for this machine, the
+    portable build of today's sources, libraries shipped in the package (a wheel), then the last good
+    build (current=False); None when there is none. `portable` True/False looks at that variant only."""
     if kind not in KINDS:
         raise BuildError(f"unknown build kind {kind!r}: choose {' or '.join(KINDS)}")
-    flags = cpu_flags() if flags is None else flags
-    name = f"{kind}-{build_key(kind, flags)}"
-    if (builds_dir() / name / "build.json").exists():
-        return _info(kind, name, True)
-    last = _last_good_file(kind)
-    if last.exists():
-        name = last.read_text().strip()
-        if (builds_dir() / name / "build.json").exists():
-            return _info(kind, name, False)
+    variants = (False, True) if portable is None else (portable,)
+    if _have_sources():
+        for p in variants:
+            f = flags if (flags is not None and not p) else build_flags(p)
+            name = f"{_variant(kind, p)}-{build_key(kind, f)}"
+            if (builds_dir() / name / "build.json").exists():
+                return _info(kind, name, True, p)
+    if portable is not False and (shipped := _shipped(kind)) is not None:
+        return shipped
+    for p in variants:
+        last = _last_good_file(kind, p)
+        if last.exists():
+            name = last.read_text().strip()
+            if (builds_dir() / name / "build.json").exists():
+                return _info(kind, name, False, p)
     return None
 
 
@@ -220,8 +267,9 @@ def _current_tree(work: Path, kind: str) -> Path:
     return tree
 
 
-def smoke_test(lib_dir: Path, model: Path | None, timeout: float = 300) -> None:
-    """Loads the library in a child process and, given a model, decodes a prompt and 2 tokens.
+def smoke_test(lib_dir: Path, model: Path | None, timeout: float = 300) -> str:
+    """Loads the library in a child process and, given a model, decodes a prompt and 2 tokens; returns
+    llama.cpp's system info line from that process.
 
     A child so that a crashing library (an illegal instruction, the AMX segfault) fails the
     build instead of the caller.
@@ -237,32 +285,39 @@ def smoke_test(lib_dir: Path, model: Path | None, timeout: float = 300) -> None:
         last = (proc.stderr.strip().splitlines() or [""])[-1]
         raise BuildError(f"the built library failed its smoke test ({why}) {last}; not installed, "
                          "the last good build stays in use")
+    return (proc.stdout.strip().splitlines() or [""])[-1]
 
 
 def build(kind: str = "patched", *, jobs: int | None = None, progress: bool | None = None,
-          smoke_model: Path | None = None, force: bool = False, log=print) -> BuildInfo:
+          smoke_model: Path | None = None, force: bool = False, portable: bool = False, log=print) -> BuildInfo:
     """Builds `kind` unless an identical build exists; returns it."""
     if kind not in KINDS:
         raise BuildError(f"unknown build kind {kind!r}: choose {' or '.join(KINDS)}")
     if jobs is not None and jobs < 1:
         raise BuildError(f"-j must be at least 1, got {jobs}")
-    flags = cpu_flags()
+    if not _have_sources():
+        raise BuildError(f"no source checkout here ({NATIVE_DIR} is missing): this install ships its libraries; "
+                         "to build, clone the project")
+    flags = build_flags(portable)
     key = build_key(kind, flags)
-    name = f"{kind}-{key}"
+    variant = _variant(kind, portable)
+    name = f"{variant}-{key}"
     final = builds_dir() / name
     started_waiting = time.time()
     if (final / "build.json").exists() and not force:
-        _last_good_file(kind).write_text(name)
-        return _info(kind, name, True)
+        _last_good_file(kind, portable).write_text(name)
+        return _info(kind, name, True, portable)
     if not python_layer_installed():
         # Without it the smoke test cannot load the library: say so before compiling, not after.
         raise BuildError(f"llama-cpp-python's Python layer is not installed in this Python ({sys.executable}); "
                          "run: python -m iceformer_llama setup")
-    with cache_lock(f"build-{kind}", waiting_for=f"to finish building {kind} llama.cpp", log=log):
+    label = f"{kind}{' portable' if portable else ''} llama.cpp"
+    with cache_lock(f"build-{variant}", waiting_for=f"to finish building {label}", log=log):
         if (final / "build.json").exists() and (not force or _built_since(final, started_waiting)):
-            _last_good_file(kind).write_text(name)  # the other process built it while we waited
-            return _info(kind, name, True)
-        return _build_locked(kind, flags, key, jobs=jobs, progress=progress, smoke_model=smoke_model, log=log)
+            _last_good_file(kind, portable).write_text(name)  # the other process built it while we waited
+            return _info(kind, name, True, portable)
+        return _build_locked(kind, flags, key, portable=portable, jobs=jobs, progress=progress,
+                             smoke_model=smoke_model, log=log)
 
 
 def python_layer_installed() -> bool:
@@ -275,18 +330,20 @@ def _built_since(final: Path, t: float) -> bool:
     return (final / "build.json").stat().st_mtime >= t
 
 
-def _build_locked(kind: str, flags: dict, key: str, *, jobs, progress, smoke_model, log) -> BuildInfo:
-    name = f"{kind}-{key}"
+def _build_locked(kind: str, flags: dict, key: str, *, portable: bool, jobs, progress, smoke_model,
+                  log) -> BuildInfo:
+    variant = _variant(kind, portable)
+    name = f"{variant}-{key}"
     final = builds_dir() / name
     progress = sys.stderr.isatty() if progress is None else progress
     started = time.monotonic()
-    work = cache_dir() / "work" / kind
+    work = cache_dir() / "work" / variant  # its own build dir: no CPU libraries of the other variant
     tree = _current_tree(work, kind)
     build_dir = work / "build"
     build_dir.mkdir(parents=True, exist_ok=True)
     log_file = work / "build.log"
     log_file.write_text("")
-    log(f"building {kind} llama.cpp {_pins.LLAMA_CPP_COMMIT} (log: {log_file})")
+    log(f"building {kind}{' portable' if portable else ''} llama.cpp {_pins.LLAMA_CPP_COMMIT} (log: {log_file})")
 
     _run_logged([_tool("cmake"), "-S", str(tree), "-B", str(build_dir), "-G", "Ninja",
                  f"-DCMAKE_MAKE_PROGRAM={_tool('ninja')}", *cmake_defines(flags, patched=(kind == "patched"))],
@@ -301,16 +358,21 @@ def _build_locked(kind: str, flags: dict, key: str, *, jobs, progress, smoke_mod
         lib_dir.mkdir()
         for pattern in LIB_GLOBS:
             for f in (build_dir / "bin").glob(pattern):
-                shutil.copy2(f, lib_dir / f.name, follow_symlinks=False)  # keep soname links as links
+                if f.name not in _PORTABLE_SKIPPED:
+                    shutil.copy2(f, lib_dir / f.name, follow_symlinks=False)  # keep soname links as links
         if not (lib_dir / "libllama.so").exists() and not (lib_dir / "libllama.dylib").exists():
             raise BuildError(f"the build produced no libllama in {build_dir / 'bin'}")
-        smoke_test(lib_dir, smoke_model)
+        if portable and not cpu_modules(lib_dir):
+            raise BuildError(f"the portable build produced no CPU backend modules in {build_dir / 'bin'}")
+        system_info = smoke_test(lib_dir, smoke_model)
         manifest = {
             "kind": kind, "key": key, "llama_cpp_python": _pins.LLAMA_CPP_PYTHON_VERSION,
             "llama_cpp_commit": _pins.LLAMA_CPP_COMMIT, "patches": list(_pins.PATCHES) if kind == "patched" else [],
             "flags": flags, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "build_seconds": round(time.monotonic() - started, 1), "native_dir": str(NATIVE_DIR),
             "smoke_model": str(smoke_model) if smoke_model else None,
+            "portable": portable, "cpu_modules": [f.name for f in cpu_modules(lib_dir)],
+            "system_info": system_info,  # as the smoke test's process saw it (the CPU module chosen here)
         }
         (tmp / "build.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if final.exists():
@@ -319,30 +381,40 @@ def _build_locked(kind: str, flags: dict, key: str, *, jobs, progress, smoke_mod
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    _last_good_file(kind).write_text(name)
-    log(f"built {kind} in {time.monotonic() - started:.0f} s: {final / 'lib'}")
-    return _info(kind, name, True)
+    _last_good_file(kind, portable).write_text(name)
+    log(f"built {variant} in {time.monotonic() - started:.0f} s: {final / 'lib'}")
+    return _info(kind, name, True, portable)
 
 
 def describe() -> list[str]:
-    """Lines for `build --info`."""
+    """Lines for `build --info`: what is built, with which flags, and which libraries load."""
     flags = cpu_flags()
+    portable = " ".join(f"{k}={v}" for k, v in portable_flags().items() if k.isupper())
     lines = [f"llama-cpp-python {_pins.LLAMA_CPP_PYTHON_VERSION} sdist (sha256 {_pins.LLAMA_CPP_PYTHON_SHA256[:16]}...),"
              f" llama.cpp {_pins.LLAMA_CPP_COMMIT}",
              f"patches: {', '.join(_pins.PATCHES)} (in {PATCH_DIR})",
              f"cache: {cache_dir()}",
-             f"cpu: GGML_NATIVE=ON, AMX {'reported by this CPU and disabled' if flags['cpu_has_amx'] else 'off'}"]
+             f"native builds: GGML_NATIVE=ON, AMX {'reported by this CPU and disabled' if flags['cpu_has_amx'] else 'off'}",
+             f"portable builds: {portable} (CPU code chosen at run time; the AMX module left out)"]
     layer = python_layer_installed()
     if not layer:
         lines.append("llama-cpp-python: Python layer not installed (run: python -m iceformer_llama setup)")
     for kind in KINDS:
-        info = find_build(kind, flags=flags)
-        if info is None:
-            todo = f"setup{' --stock' if kind == 'stock' else ''}" if not layer else \
-                f"build{' --stock' if kind == 'stock' else ''}"
-            lines.append(f"{kind}: not built (run: python -m iceformer_llama {todo})")
-            continue
-        m = info.manifest()
-        state = "up to date" if info.current else "outdated (sources changed since; last good build)"
-        lines.append(f"{kind}: {state}, built {m['built_at']} in {m['build_seconds']} s: {info.lib_dir}")
+        for variant in (False, True) if _have_sources() else ():
+            label = f"{kind} ({'portable' if variant else 'native'})"
+            info = find_build(kind, portable=variant)
+            if info is None or info.path.parent != builds_dir():
+                cmd = ("setup" if not layer and not variant else "build") + \
+                    (" --stock" if kind == "stock" else "") + (" --portable" if variant else "")
+                lines.append(f"{label}: not built (run: python -m iceformer_llama {cmd})")
+                continue
+            m = info.manifest()
+            state = "up to date" if info.current else "outdated (sources changed since; last good build)"
+            lines.append(f"{label}: {state}, built {m['built_at']} in {m['build_seconds']} s: {info.lib_dir}")
+        if (shipped := _shipped(kind)) is not None:
+            lines.append(f"{kind} (shipped in the package, portable): {shipped.lib_dir}")
+        used = find_build(kind)
+        if used is not None:
+            info_line = used.manifest().get("system_info") or ""
+            lines.append(f"{kind} in use: {used.lib_dir}" + (f" ({info_line})" if info_line else ""))
     return lines

