@@ -56,6 +56,18 @@ def test_layer_budget_round_trips_and_the_library_checks_its_range(builds, bundl
     assert proc.stdout.splitlines() == ["True", "{100}", "256 50 300 {100}", "-1 [50, 300]"]
 
 
+def test_attention_defaults_to_the_backends(builds, bundled_model):
+    """Llama(attention=None), the default, runs what the CLI and the server run: iceformer on patched,
+    dense on stock."""
+    code = ("import iceformer_llama as il\n"
+            "llm = il.Llama(None, n_ctx=64)\n"
+            "print(llm.backend, llm.attention, llm.attention_params()['mode'])\n")
+    for name, mode in (("patched", "iceformer"), ("stock", "dense")):
+        proc = run_py(code, env={"ICEFORMER_LLAMA_BACKEND": name})
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == [name, mode, mode]
+
+
 def test_switching_backend_after_loading_is_refused(builds, bundled_model):
     code = ("import iceformer_llama as il\n"
             "il.use_backend('stock'); il.Llama(None, n_ctx=64)\n"

@@ -10,10 +10,13 @@ JSON_FIELDS = {"text", "prompt_tokens", "generated_tokens", "prefill_seconds", "
                "prefill_tokens_per_second", "decode_tokens_per_second", "backend", "attention", "settings"}
 
 
-@pytest.mark.parametrize("backend,attention", [("patched", "iceformer"), ("patched", "dense"), ("stock", "dense")])
-def test_generate_json(builds, bundled_model, backend, attention):
-    proc = run_cli("generate", "--backend", backend, "--attention", attention, "-p", "The capital of France is",
-                   "-n", "6", "--ctx-size", "256", "--threads", "2", "--json")
+@pytest.mark.parametrize("backend,flag,attention", [
+    ("patched", "iceformer", "iceformer"), ("patched", "dense", "dense"), ("stock", "dense", "dense"),
+    ("patched", None, "iceformer"), ("stock", None, "dense"),   # no --attention: the backend's default
+], ids=["patched-iceformer", "patched-dense", "stock-dense", "patched-default", "stock-default"])
+def test_generate_json(builds, bundled_model, backend, flag, attention):
+    proc = run_cli("generate", "--backend", backend, *(["--attention", flag] if flag else []),
+                   "-p", "The capital of France is", "-n", "6", "--ctx-size", "256", "--threads", "2", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert JSON_FIELDS <= set(out)
@@ -103,9 +106,21 @@ def test_offline_download(tmp_path):
     (("generate", "-p", "x", "--speed", "9"), "--speed"),
     (("generate", "-p", "x", "--speed", "0"), "--speed"),
     (("generate", "-p", "x", "--backend", "stock", "--speed", "2", "--sinks", "8"), "(--speed, --sinks) need the patched"),
+    (("generate", "-p", "x", "--backend", "stock", "--attention", "iceformer"), "--attention iceformer needs the patched"),
+    (("chat", "--backend", "stock", "--attention", "iceformer"), "--attention iceformer needs the patched"),
 ])
 def test_bad_arguments(args, fragment):
     assert_one_line_error(run_cli(*args), fragment)
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (("--attention", "iceformer"), "--attention iceformer needs the patched"),
+    (("--top-blocks", "10"), "(--top-blocks) need the patched"),
+])
+def test_iceformer_flags_on_stock_chosen_by_the_environment(flags, fragment):
+    """$ICEFORMER_LLAMA_BACKEND=stock refuses IceFormer flags as --backend stock does (no silent dense run)."""
+    proc = run_cli("generate", "-p", "x", *flags, env={"ICEFORMER_LLAMA_BACKEND": "stock"})
+    assert_one_line_error(proc, fragment)
 
 
 def test_missing_prompt_file(tmp_path):
