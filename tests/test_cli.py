@@ -28,6 +28,16 @@ def test_generate_json(builds, bundled_model, backend, flag, attention):
     assert out["settings"]["iceformer"]["mode"] == attention
 
 
+def test_generate_json_reports_the_models_layers(builds, bundled_model):
+    """The per-layer settings cover the bundled model's 30 layers, not the library's 256 slots."""
+    proc = run_cli("generate", "--dense-layers", "2,29", "-p", "Hi", "-n", "1", "--ctx-size", "128",
+                   "--threads", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    params = json.loads(proc.stdout)["settings"]["iceformer"]
+    assert len(params["layer_budget"]) == 30, params["layer_budget"]
+    assert params["dense_layers"] == [2, 29]
+
+
 def test_generate_streams_plain_text(builds, bundled_model):
     proc = run_cli("generate", "-p", "The capital of France is", "-n", "4", "--ctx-size", "128")
     assert proc.returncode == 0, proc.stderr

@@ -84,10 +84,15 @@ class Llama:
         self.attention, self.iceformer_settings = attention, settings
 
     def attention_params(self) -> dict:
-        """The settings in force, as the library reports them (patched backend)."""
+        """The settings in force, as the library reports them (patched backend); the per-layer lists
+        (dense_layers, layer_budget) cover the model's layers."""
         if self.backend != "patched":
             return {"mode": "dense"}
-        return backend.iceformer_api().get(self._llm.ctx)
+        return backend.iceformer_api().get(self._llm.ctx, self.n_layer())
+
+    def n_layer(self) -> int:
+        """The model's layer count, as llama.cpp loaded it."""
+        return int(backend.load().llama_model_n_layer(self._llm.model))
 
     def iceformer_memory(self) -> int:
         """Bytes held by the IceFormer kernel state of this context."""
