@@ -1,6 +1,7 @@
 """The commands users run, end to end on the bundled model, and their answers to bad input."""
 
 import json
+import re
 
 import pytest
 
@@ -52,6 +53,26 @@ def test_chat_with_piped_stdin(builds, bundled_model):
     # one reply per turn, the /reset notice between them, nothing after /exit
     assert len(lines) == 3 and lines[1] == "(conversation cleared)", lines
     assert lines[0].strip() and lines[2].strip()
+
+
+def test_chat_samples_a_fresh_seed_each_run_and_says_which(builds, bundled_model):
+    """At the default temperature (0.7) two runs without --seed differ (32 sampled tokens of a poem: a repeat
+    is all but impossible), each says its seed once on stderr, and --seed with that seed gives the same reply."""
+    turn = "Write a short poem about the sea.\n"
+    common = ("chat", "-n", "32", "--ctx-size", "512", "--threads", "2")
+    runs = [run_cli(*common, input=turn) for _ in range(2)]
+    seeds = []
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr
+        found = re.findall(r"use --seed (\d+) to reproduce", proc.stderr)
+        assert len(found) == 1, proc.stderr
+        seeds.append(int(found[0]))
+    assert seeds[0] != seeds[1]
+    assert runs[0].stdout.strip() and runs[0].stdout != runs[1].stdout, [r.stdout for r in runs]
+    again = run_cli(*common, "--seed", seeds[0], input=turn)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == runs[0].stdout
+    assert "--seed" not in again.stderr  # a seed given is not reported back
 
 
 def test_chat_speed_command_retunes_the_live_context(builds, bundled_model):
