@@ -235,3 +235,37 @@ def _chat_stream(base, content, **extra):
                   if r.status_code == 200 else [])
         assert r.status_code != 200 or events[-1] == "[DONE]", events[-3:]
         yield r, [json.loads(e) for e in events[:-1]]
+
+
+def test_streamed_chat_whose_template_overflows_the_context_is_400(server):
+    """The message alone fits the context, the prompt the chat template makes of it does not: a 400 before
+    the stream starts (it failed after the 200), and the server goes on."""
+    content = "word " * (N_CTX - 20)
+    n_text = requests.post(server.url.removesuffix("/v1") + "/extras/tokenize/count", json={"input": content},
+                           timeout=30).json()["count"]
+    assert n_text < N_CTX  # the old check's lower bound let it through
+    with _chat_stream(server.url, content, max_tokens=100) as (r, _):
+        error = _assert_json_error(r)
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages", error
+    assert "chat template" in error["message"]
+    r = _chat(server.url, "Hi")
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+
+
+def test_max_tokens_past_the_context_is_clamped_as_llama_cpp_does(server):
+    """A prompt that fits with a max_tokens that does not is served up to the end of the context, finishing
+    with "length" (llama.cpp's server does the same), streamed or not."""
+    prompt = "word " * (N_CTX - 32)
+    body = {"prompt": prompt, "max_tokens": 1000, "temperature": 0}
+    r = requests.post(server.url + "/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    assert usage["prompt_tokens"] + usage["completion_tokens"] <= N_CTX and usage["completion_tokens"] > 0, usage
+    with requests.post(server.url + "/completions", json={**body, "stream": True}, stream=True, timeout=120) as r:
+        assert r.status_code == 200, r.text
+        events = [ln[len("data: "):] for ln in r.iter_lines(decode_unicode=True) if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(chunks) <= usage["completion_tokens"] + 1

@@ -176,21 +176,65 @@ def _grammar_parses(llm, grammar: str) -> bool:
 
 
 def _stream_over_context(llm, request) -> Problem | None:
-    """The error for a streamed request whose prompt does not fit the context, else None.
+    """The error for a streamed request whose prompt alone does not fit the context, else None.
 
-    Counts tokens as llama_cpp.Llama does for a plain prompt; a chat is counted as its messages' text, a
-    lower bound (the template adds tokens), so a chat that slips past this still fails, but mid-stream.
+    A prompt that fits, with a max_tokens that does not, is served: llama-cpp-python clamps max_tokens to the
+    room left (Llama._create_completion), as llama.cpp's server does (it stops at the end of the context with
+    finish_reason "length": "stopped due to running out of context capacity" in server-context.cpp). Only a
+    prompt with no room left fails, and for a stream it would fail after the 200, so it is caught here.
     """
+    n_ctx = llm.n_ctx()
     if hasattr(request, "messages"):
-        prompt = "".join(m["content"] for m in request.model_dump()["messages"] if isinstance(m.get("content"), str))
+        tokens = chat_prompt_tokens(llm.llama, request)
+        if tokens is None:  # the handler refused the request: the route says why
+            return None
+        n_prompt, param = len(tokens), "messages"
     else:
         prompt = request.prompt if isinstance(request.prompt, str) else request.prompt[0]
-    n_ctx = llm.n_ctx()
-    if len(prompt.encode("utf-8")) + 1 < n_ctx:  # a token holds at least one byte, plus BOS
-        return None
-    n_prompt = len(llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True))
+        if len(prompt.encode("utf-8")) + 1 < n_ctx:  # a token holds at least one byte, plus BOS
+            return None
+        n_prompt, param = len(llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)), "prompt"
     if n_prompt < n_ctx:
         return None
-    return (f"This model's maximum context length is {n_ctx} tokens; the prompt has {n_prompt}. "
-            f"Please reduce the length of the prompt.", "context_length_exceeded",
-            "messages" if hasattr(request, "messages") else "prompt")
+    laid_out = " (the messages as the model's chat template lays them out)" if param == "messages" else ""
+    return (f"This model's maximum context length is {n_ctx} tokens; the prompt has {n_prompt}{laid_out}. "
+            f"Please reduce the length of the {param}.", "context_length_exceeded", param)
+
+
+class _PromptReady(Exception):
+    def __init__(self, prompt):
+        self.prompt = prompt
+
+
+class _PromptProbe:
+    """Stands in for the served llama_cpp.Llama in a chat handler's call: the handler lays the messages out
+    with the model's template and tokenizes them through the real model, then asks this to complete the
+    prompt, which stops there with the prompt (nothing is evaluated)."""
+
+    def __init__(self, llama):
+        self._llama = llama
+
+    def __getattr__(self, name):
+        return getattr(self._llama, name)
+
+    def create_completion(self, prompt, **_):
+        raise _PromptReady(prompt)
+
+
+def chat_prompt_tokens(llama, request) -> list[int] | None:
+    """The tokens of the prompt a chat request becomes, through the handler llama_cpp.Llama.create_chat_completion
+    picks; None when the handler raises (a template that refuses the messages, an unknown tool...)."""
+    from llama_cpp import llama_chat_format
+
+    handler = (llama.chat_handler or llama._chat_handlers.get(llama.chat_format)
+               or llama_chat_format.get_chat_completion_handler(llama.chat_format))
+    fields = request.model_dump(include={"messages", "functions", "function_call", "tools", "tool_choice"})
+    try:
+        handler(llama=_PromptProbe(llama), **fields)
+    except _PromptReady as ready:
+        prompt = ready.prompt
+        return llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True) if isinstance(prompt, str) \
+            else list(prompt)
+    except Exception:  # noqa: BLE001 - the route runs the handler again and answers for it
+        return None
+    return None
