@@ -58,8 +58,9 @@ def main() -> int:
     except (ValueError, TypeError) as e:
         ap.error(str(e))
     iceformer_llama.use_backend("patched")
-    llm = iceformer_llama.Llama(None, n_ctx=args.length + args.n_predict + 64, n_batch=512, n_ubatch=512,
-                                n_threads=args.threads, n_threads_batch=args.threads, flash_attn=True)
+    # the prompt is prefilled (and its state saved) with dense attention; each setting is set per round
+    llm = iceformer_llama.Llama(None, attention="dense", n_ctx=args.length + args.n_predict + 64, n_batch=512,
+                                n_ubatch=512, n_threads=args.threads, n_threads_batch=args.threads, flash_attn=True)
     import llama_cpp
 
     ctx, inner, n_vocab = llm.llama.ctx, llm.llama, llm.n_vocab()

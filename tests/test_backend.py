@@ -40,7 +40,7 @@ def test_layer_budget_round_trips_and_the_library_checks_its_range(builds, bundl
     refused by llama_set_iceformer_params itself (the context keeps its settings). Unset, the bundled
     model's measured profile applies; an empty budget is 100% everywhere."""
     code = ("import ctypes, iceformer_llama as il\n"
-            "from iceformer_llama import backend, profiles\n"
+            "from iceformer_llama.runtime import backend, profiles\n"
             "llm = il.Llama(None, n_ctx=64, attention='iceformer')\n"
             "print(tuple(llm.attention_params()['layer_budget'][:30]) == profiles.layer_budget_for(llm.model_info))\n"
             "llm.set_attention('iceformer', il.IceformerSettings(layer_budget=()))\n"
@@ -53,7 +53,20 @@ def test_layer_budget_round_trips_and_the_library_checks_its_range(builds, bundl
             "print(api._set(llm._llm.ctx, ctypes.byref(p)), llm.attention_params()['layer_budget'][:2])\n")
     proc = run_py(code)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["True", "{100}", "256 50 300 {100}", "-1 [50, 300]"]
+    # the lists cover the model's 30 layers
+    assert proc.stdout.splitlines() == ["True", "{100}", "30 50 300 {100}", "-1 [50, 300]"]
+
+
+def test_attention_defaults_to_the_backends(builds, bundled_model):
+    """Llama(attention=None), the default, runs what the CLI and the server run: iceformer on patched,
+    dense on stock."""
+    code = ("import iceformer_llama as il\n"
+            "llm = il.Llama(None, n_ctx=64)\n"
+            "print(llm.backend, llm.attention, llm.attention_params()['mode'])\n")
+    for name, mode in (("patched", "iceformer"), ("stock", "dense")):
+        proc = run_py(code, env={"ICEFORMER_LLAMA_BACKEND": name})
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == [name, mode, mode]
 
 
 def test_switching_backend_after_loading_is_refused(builds, bundled_model):

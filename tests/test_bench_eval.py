@@ -14,7 +14,7 @@ from iceformer_llama.runtime.settings import IceformerSettings
 
 # The commands through their own register() functions, independent of how cli.py wires them.
 _DRIVER = ("import sys\n"
-           "from iceformer_llama import bench, evaluate\n"
+           "from iceformer_llama.evaluation import bench, evaluate\n"
            "from iceformer_llama.commands.cli import _Parser\n"
            "p = _Parser(prog='iceformer_llama')\n"
            "s = p.add_subparsers(dest='command', required=True, parser_class=_Parser)\n"
@@ -178,6 +178,7 @@ def test_bench_writes_json_and_png(builds, bundled_model, tmp_path):
     result = json.loads(out.read_text())
     assert BENCH_FIELDS <= set(result)
     assert result["patched"]["knobs"] == {"top_k": 32} and result["patched"]["params"]["top_k"] == 32
+    assert result["patched"]["attention"] == "iceformer"  # no --attention: the patched backend's default
     (row,) = result["rows"]
     assert BENCH_ROW_FIELDS <= set(row) and row["length"] == 256
     assert {r["config"] for r in result["runs"]} == {"patched", "stock-fa-off"}  # the warm-up is not kept

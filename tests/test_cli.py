@@ -1,6 +1,7 @@
 """The commands users run, end to end on the bundled model, and their answers to bad input."""
 
 import json
+import re
 
 import pytest
 
@@ -10,10 +11,13 @@ JSON_FIELDS = {"text", "prompt_tokens", "generated_tokens", "prefill_seconds", "
                "prefill_tokens_per_second", "decode_tokens_per_second", "backend", "attention", "settings"}
 
 
-@pytest.mark.parametrize("backend,attention", [("patched", "iceformer"), ("patched", "dense"), ("stock", "dense")])
-def test_generate_json(builds, bundled_model, backend, attention):
-    proc = run_cli("generate", "--backend", backend, "--attention", attention, "-p", "The capital of France is",
-                   "-n", "6", "--ctx-size", "256", "--threads", "2", "--json")
+@pytest.mark.parametrize("backend,flag,attention", [
+    ("patched", "iceformer", "iceformer"), ("patched", "dense", "dense"), ("stock", "dense", "dense"),
+    ("patched", None, "iceformer"), ("stock", None, "dense"),   # no --attention: the backend's default
+], ids=["patched-iceformer", "patched-dense", "stock-dense", "patched-default", "stock-default"])
+def test_generate_json(builds, bundled_model, backend, flag, attention):
+    proc = run_cli("generate", "--backend", backend, *(["--attention", flag] if flag else []),
+                   "-p", "The capital of France is", "-n", "6", "--ctx-size", "256", "--threads", "2", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert JSON_FIELDS <= set(out)
@@ -23,6 +27,16 @@ def test_generate_json(builds, bundled_model, backend, attention):
     assert out["prefill_seconds"] > 0 and out["decode_tokens_per_second"] > 0
     assert out["settings"]["ctx_size"] == 256
     assert out["settings"]["iceformer"]["mode"] == attention
+
+
+def test_generate_json_reports_the_models_layers(builds, bundled_model):
+    """The per-layer settings cover the bundled model's 30 layers, not the library's 256 slots."""
+    proc = run_cli("generate", "--dense-layers", "2,29", "-p", "Hi", "-n", "1", "--ctx-size", "128",
+                   "--threads", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    params = json.loads(proc.stdout)["settings"]["iceformer"]
+    assert len(params["layer_budget"]) == 30, params["layer_budget"]
+    assert params["dense_layers"] == [2, 29]
 
 
 def test_generate_streams_plain_text(builds, bundled_model):
@@ -39,6 +53,26 @@ def test_chat_with_piped_stdin(builds, bundled_model):
     # one reply per turn, the /reset notice between them, nothing after /exit
     assert len(lines) == 3 and lines[1] == "(conversation cleared)", lines
     assert lines[0].strip() and lines[2].strip()
+
+
+def test_chat_samples_a_fresh_seed_each_run_and_says_which(builds, bundled_model):
+    """At the default temperature (0.7) two runs without --seed differ (32 sampled tokens of a poem: a repeat
+    is all but impossible), each says its seed once on stderr, and --seed with that seed gives the same reply."""
+    turn = "Write a short poem about the sea.\n"
+    common = ("chat", "-n", "32", "--ctx-size", "512", "--threads", "2")
+    runs = [run_cli(*common, input=turn) for _ in range(2)]
+    seeds = []
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr
+        found = re.findall(r"use --seed (\d+) to reproduce", proc.stderr)
+        assert len(found) == 1, proc.stderr
+        seeds.append(int(found[0]))
+    assert seeds[0] != seeds[1]
+    assert runs[0].stdout.strip() and runs[0].stdout != runs[1].stdout, [r.stdout for r in runs]
+    again = run_cli(*common, "--seed", seeds[0], input=turn)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == runs[0].stdout
+    assert "--seed" not in again.stderr  # a seed given is not reported back
 
 
 def test_chat_speed_command_retunes_the_live_context(builds, bundled_model):
@@ -103,9 +137,21 @@ def test_offline_download(tmp_path):
     (("generate", "-p", "x", "--speed", "9"), "--speed"),
     (("generate", "-p", "x", "--speed", "0"), "--speed"),
     (("generate", "-p", "x", "--backend", "stock", "--speed", "2", "--sinks", "8"), "(--speed, --sinks) need the patched"),
+    (("generate", "-p", "x", "--backend", "stock", "--attention", "iceformer"), "--attention iceformer needs the patched"),
+    (("chat", "--backend", "stock", "--attention", "iceformer"), "--attention iceformer needs the patched"),
 ])
 def test_bad_arguments(args, fragment):
     assert_one_line_error(run_cli(*args), fragment)
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (("--attention", "iceformer"), "--attention iceformer needs the patched"),
+    (("--top-blocks", "10"), "(--top-blocks) need the patched"),
+])
+def test_iceformer_flags_on_stock_chosen_by_the_environment(flags, fragment):
+    """$ICEFORMER_LLAMA_BACKEND=stock refuses IceFormer flags as --backend stock does (no silent dense run)."""
+    proc = run_cli("generate", "-p", "x", *flags, env={"ICEFORMER_LLAMA_BACKEND": "stock"})
+    assert_one_line_error(proc, fragment)
 
 
 def test_missing_prompt_file(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import sys
 
 from ..runtime.settings import DEFAULT_SPEED, SPEED_LEVELS
@@ -24,11 +25,25 @@ def _context_full(llm, n_ctx: int) -> bool:
     return llm.n_tokens >= n_ctx - 1
 
 
+def fresh_seed() -> int:
+    """A sampling seed drawn from the OS, below LLAMA_DEFAULT_SEED (0xFFFFFFFF, which llama.cpp reads as
+    "pick one yourself", so it could not be reported or reproduced)."""
+    return secrets.randbelow(0xFFFFFFFF)
+
+
 def run_chat(llm, *, max_tokens: int, temperature: float, seed: int | None, system: str | None = None,
-             stdin=None, stdout=None) -> int:
-    """Chats until /exit or end of input. One user turn per line when stdin is not a TTY."""
+             stdin=None, stdout=None, stderr=None) -> int:
+    """Chats until /exit or end of input. One user turn per line when stdin is not a TTY.
+
+    seed None draws a fresh one (said on stderr when sampling): llama-cpp-python, given no seed, derives
+    each reply's from the Llama's own fixed seed through random.Random, so every run gave the same replies."""
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
+    if seed is None:
+        seed = fresh_seed()
+        if temperature > 0:
+            print(f"sampling seed {seed} (use --seed {seed} to reproduce this chat)", file=stderr or sys.stderr,
+                  flush=True)
     interactive = stdin.isatty()
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)

@@ -341,8 +341,9 @@ def plot(result: dict, path: Path) -> None:
 
 def cmd_bench(args) -> int:
     from ..runtime.models import check_gguf, resolve_model
-    from ..runtime.settings import from_arguments
+    from ..runtime.settings import default_attention, from_arguments
 
+    attention = args.attention or default_attention("patched")  # the patched side's; stock runs dense
     model = str(resolve_model(args.model))
     info = check_gguf(model)
     lengths = cap_lengths(args.lengths, info.context_length)
@@ -356,7 +357,7 @@ def cmd_bench(args) -> int:
     if args.variant:
         from .evaluate import build_variants
 
-        if args.attention != "iceformer":
+        if attention != "iceformer":
             raise UsageError("--variant compares IceFormer settings; it needs --attention iceformer")
         try:
             variants = build_variants(settings, args.variant)
@@ -366,7 +367,7 @@ def cmd_bench(args) -> int:
         variants = [(None, settings)]
     started = time.time()
     measured = run_bench(model=model, lengths=lengths, repeat=args.repeat, threads=threads,
-                         n_predict=args.n_predict, batch_size=args.batch_size, attention=args.attention,
+                         n_predict=args.n_predict, batch_size=args.batch_size, attention=attention,
                          variants=variants, flash_attn=args.flash_attn, stock_flash=stock_flash,
                          timeout=args.timeout, progress=sys.stderr.isatty(), warmup=args.warmup)
     params = measured["patched_params"]
@@ -375,7 +376,7 @@ def cmd_bench(args) -> int:
         "model": model, "model_name": info.name, "context_length": info.context_length,
         "lengths": lengths, "repeat": args.repeat, "warmup_rounds": args.warmup, "threads": threads,
         "n_predict": args.n_predict, "batch_size": args.batch_size,
-        "patched": {"attention": args.attention, "flash_attn": args.flash_attn, "knobs": settings.overrides(),
+        "patched": {"attention": attention, "flash_attn": args.flash_attn, "knobs": settings.overrides(),
                     "params": params.get(variants[0][0])},
         **({"variants": [{"label": label, "knobs": s.overrides(), "params": params.get(label)}
                          for label, s in variants]} if args.variant else {}),

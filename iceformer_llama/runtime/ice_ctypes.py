@@ -88,13 +88,16 @@ class IceformerAPI:
         if self._set(ctx, ctypes.byref(p)) != 0:
             raise UsageError(f"the kernel rejected the IceFormer settings {settings.overrides() if settings else {}}")
 
-    def get(self, ctx) -> dict:
+    def get(self, ctx, n_layer: int = MAX_LAYERS) -> dict:
+        """The context's settings; dense_layers and layer_budget cover layers 0..n_layer-1 (the model's layers:
+        the struct holds MAX_LAYERS entries whatever the model)."""
+        n_layer = min(n_layer, MAX_LAYERS)
         p = self._get(ctx)
         out = {f[0]: getattr(p, f[0]) for f in llama_iceformer_params._fields_
                if f[0] not in ("dense_layers", "layer_budget")}
         out["mode"] = {v: k for k, v in MODES.items()}[out["mode"]]
-        out["dense_layers"] = [i for i in range(MAX_LAYERS) if (p.dense_layers[i // 64] >> (i % 64)) & 1]
-        out["layer_budget"] = list(p.layer_budget)
+        out["dense_layers"] = [i for i in range(n_layer) if (p.dense_layers[i // 64] >> (i % 64)) & 1]
+        out["layer_budget"] = list(p.layer_budget[:n_layer])
         return out
 
     def memory(self, ctx) -> int:

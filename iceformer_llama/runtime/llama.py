@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import BackendError, UsageError
 from . import backend
 from .profiles import layer_budget_for
-from .settings import ATTENTION_MODES, IceformerSettings
+from .settings import ATTENTION_MODES, IceformerSettings, default_attention
 
 # Methods and properties forwarded unchanged to the wrapped llama_cpp.Llama.
 _FORWARDED = (
@@ -24,17 +24,19 @@ class Llama:
     """A drop-in for llama_cpp.Llama: same constructor arguments and methods, plus
 
     - model_path: a GGUF path, a known alias, REPO_ID:FILENAME, or None for the bundled model;
-    - attention: "dense" (upstream llama.cpp attention) or "iceformer" (patched backend only);
+    - attention: "dense" (upstream llama.cpp attention), "iceformer" (patched backend only), or None (the
+      default): the backend's default, iceformer on the patched backend and dense on the stock one, as
+      the CLI and the server do; "iceformer" on the stock backend is an error (BackendError);
     - iceformer: IceformerSettings (None: library defaults).
 
     Unknown keyword arguments raise TypeError instead of being swallowed.
     """
 
-    def __init__(self, model_path: str | Path | None = None, *, attention: str = "dense",
+    def __init__(self, model_path: str | Path | None = None, *, attention: str | None = None,
                  iceformer: IceformerSettings | None = None, **llama_kwargs):
         from .models import check_gguf, resolve_model
 
-        if attention not in ATTENTION_MODES:
+        if attention is not None and attention not in ATTENTION_MODES:
             raise UsageError(f"unknown attention {attention!r}: choose dense or iceformer")
         if iceformer is not None and not isinstance(iceformer, IceformerSettings):
             raise TypeError("iceformer must be an IceformerSettings")
@@ -43,6 +45,8 @@ class Llama:
         unknown = sorted(set(llama_kwargs) - accepted)
         if unknown:
             raise TypeError(f"Llama() got unexpected keyword argument(s): {', '.join(unknown)}")
+        if attention is None:
+            attention = default_attention(backend.loaded())
         if attention == "iceformer" and backend.loaded() != "patched":
             raise BackendError("iceformer attention needs the patched backend (this process uses stock)")
         n_ctx = llama_kwargs.get("n_ctx", 512)
@@ -80,10 +84,15 @@ class Llama:
         self.attention, self.iceformer_settings = attention, settings
 
     def attention_params(self) -> dict:
-        """The settings in force, as the library reports them (patched backend)."""
+        """The settings in force, as the library reports them (patched backend); the per-layer lists
+        (dense_layers, layer_budget) cover the model's layers."""
         if self.backend != "patched":
             return {"mode": "dense"}
-        return backend.iceformer_api().get(self._llm.ctx)
+        return backend.iceformer_api().get(self._llm.ctx, self.n_layer())
+
+    def n_layer(self) -> int:
+        """The model's layer count, as llama.cpp loaded it."""
+        return int(backend.load().llama_model_n_layer(self._llm.model))
 
     def iceformer_memory(self) -> int:
         """Bytes held by the IceFormer kernel state of this context."""

@@ -35,14 +35,18 @@ def open_model(args, *, logits_all: bool = False):
     from .settings import from_arguments
 
     settings = from_arguments(args)
-    if args.backend == "stock" and settings.overrides():
-        flags = ", ".join(f.metadata["flag"] for f in dataclasses.fields(settings) if getattr(settings, f.name) is not None)
-        raise UsageError(f"IceFormer knobs ({flags}) need the patched backend; stock llama.cpp runs dense attention")
     if args.backend:
         backend.use_backend(args.backend)
-    attention = args.attention if backend.selected() == "patched" else "dense"
+    if backend.selected() == "stock":  # --backend stock or $ICEFORMER_LLAMA_BACKEND=stock
+        if args.attention == "iceformer":
+            raise UsageError("--attention iceformer needs the patched backend; stock llama.cpp runs dense attention")
+        if settings.overrides():
+            flags = ", ".join(f.metadata["flag"] for f in dataclasses.fields(settings)
+                              if getattr(settings, f.name) is not None)
+            raise UsageError(f"IceFormer knobs ({flags}) need the patched backend; "
+                             "stock llama.cpp runs dense attention")
     threads = args.threads or os.cpu_count() or 1
-    return Llama(args.model, attention=attention, iceformer=settings, n_ctx=args.ctx_size,
+    return Llama(args.model, attention=args.attention, iceformer=settings, n_ctx=args.ctx_size,
                  n_batch=args.batch_size, n_ubatch=args.batch_size, n_threads=threads, n_threads_batch=threads,
                  flash_attn=(args.flash_attn != "off"), logits_all=logits_all,
                  seed=args.seed if args.seed is not None else 0xFFFFFFFF)

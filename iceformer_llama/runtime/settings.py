@@ -36,6 +36,11 @@ SPEED_LEVELS: dict[int, dict] = {
 DEFAULT_SPEED = 3
 
 
+def default_attention(backend: str) -> str:
+    """The attention a backend runs unless told otherwise: iceformer on patched, dense on stock."""
+    return "iceformer" if backend == "patched" else "dense"
+
+
 def _knob(flag: str, help: str, kind=int):
     return field(default=None, metadata={"flag": flag, "help": help, "kind": kind})
 
@@ -162,8 +167,9 @@ def _speed_level(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds --attention and one flag per IceformerSettings field."""
     group = parser.add_argument_group("attention")
-    group.add_argument("--attention", choices=ATTENTION_MODES, default="iceformer",
-                       help="attention in the patched backend (default: iceformer)")
+    group.add_argument("--attention", choices=ATTENTION_MODES, default=None,
+                       help="attention (default: the backend's: iceformer on patched, dense on stock; "
+                            "iceformer needs the patched backend)")
     for f in dataclasses.fields(IceformerSettings):
         kind = f.metadata["kind"]
         parse = {int: _non_negative, bool: _parse_bool, "layers": _parse_layers, "speed": _speed_level,
