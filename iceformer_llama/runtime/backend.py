@@ -6,6 +6,7 @@ so the choice must be made before that import and cannot change afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -74,11 +75,29 @@ def load():
         raise BackendError(f"llama-cpp-python is not installed ({e}); run: python -m iceformer_llama setup") from None
     except (OSError, RuntimeError) as e:
         raise BackendError(f"cannot load {info.libllama}: {e}") from None
-    if cpu_modules(info.lib_dir) and load_cpu_modules(info.lib_dir) == 0:
-        raise BackendError(f"no CPU backend module in {info.lib_dir} runs on this CPU")
+    if cpu_modules(info.lib_dir):
+        # ggml names the module it chose on stderr, unconditionally (level NONE): not for users
+        with _stderr_silenced():
+            registered = load_cpu_modules(info.lib_dir)
+        if registered == 0:
+            raise BackendError(f"no CPU backend module in {info.lib_dir} runs on this CPU")
     llama_cpp.llama_backend_init()
     _loaded = (name, lib_dir)
     return llama_cpp
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null (native code writes there directly)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def loaded() -> str | None:
