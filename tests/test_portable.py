@@ -101,3 +101,17 @@ def test_the_native_build_is_not_portable(builds, bundled_model):
                            str(builds["patched"].lib_dir), str(bundled_model)],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode != 0
+
+
+def test_on_aarch64_without_armv9_2_support_the_portable_build_is_baseline_armv8(monkeypatch):
+    monkeypatch.setattr(build, "compiler_accepts", lambda cc, flag: False)  # GCC 12: no -march=armv9.2-a+sme
+    flags = build.portable_flags(machine="aarch64")
+    assert flags["GGML_CPU_ARM_ARCH"] == "armv8-a" and flags["GGML_BACKEND_DL"] == "OFF"
+    monkeypatch.setattr(build, "compiler_accepts", lambda cc, flag: True)
+    assert build.portable_flags(machine="aarch64")["GGML_CPU_ALL_VARIANTS"] == "ON"
+    assert build.portable_flags(machine="x86_64")["GGML_CPU_ALL_VARIANTS"] == "ON"
+
+
+def test_the_compiler_probe_answers_both_ways():
+    assert build.compiler_accepts("cc", "-O2")
+    assert not build.compiler_accepts("cc", "-mno-such-option-for-iceformer")

@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -87,11 +88,25 @@ def cpu_flags(macros: set[str] | None = None) -> dict:
     }
 
 
-def portable_flags() -> dict:
+def portable_flags(machine: str | None = None, cc: str = "cc") -> dict:
     """CMake settings of a build that runs on any x86-64 with SSE4.2 (or any aarch64): ggml's CPU backend
     compiled once per ISA level as modules, the best one chosen at run time, as llama.cpp's release builds
-    do. The kernel in libllama picks its SIMD at run time already (native/src/simd.c)."""
+    do. The kernel in libllama picks its SIMD at run time already (native/src/simd.c).
+
+    On aarch64 two of ggml's variants need -march=armv9.2-a+sme, which GCC before 14 rejects (the build
+    would fail); with such a compiler the portable build is one CPU backend for baseline armv8-a instead."""
+    machine = machine or platform.machine()
+    if machine in ("aarch64", "arm64") and not compiler_accepts(cc, "-march=armv9.2-a+sme"):
+        return {"GGML_NATIVE": "OFF", "GGML_BACKEND_DL": "OFF", "GGML_CPU_ARM_ARCH": "armv8-a", "portable": True}
     return {"GGML_NATIVE": "OFF", "GGML_BACKEND_DL": "ON", "GGML_CPU_ALL_VARIANTS": "ON", "portable": True}
+
+
+def compiler_accepts(cc: str, flag: str) -> bool:
+    try:
+        return subprocess.run([cc, flag, "-x", "c", "-c", "-o", os.devnull, os.devnull],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def build_flags(portable: bool) -> dict:
@@ -362,7 +377,7 @@ def _build_locked(kind: str, flags: dict, key: str, *, portable: bool, jobs, pro
                     shutil.copy2(f, lib_dir / f.name, follow_symlinks=False)  # keep soname links as links
         if not (lib_dir / "libllama.so").exists() and not (lib_dir / "libllama.dylib").exists():
             raise BuildError(f"the build produced no libllama in {build_dir / 'bin'}")
-        if portable and not cpu_modules(lib_dir):
+        if flags.get("GGML_CPU_ALL_VARIANTS") == "ON" and not cpu_modules(lib_dir):
             raise BuildError(f"the portable build produced no CPU backend modules in {build_dir / 'bin'}")
         system_info = smoke_test(lib_dir, smoke_model)
         manifest = {
