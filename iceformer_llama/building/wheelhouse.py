@@ -54,8 +54,17 @@ def _pip(args: list[str], *, log, env: dict | None = None) -> None:
     log("$ " + " ".join(Path(cmd[0]).name if i == 0 else a for i, a in enumerate(cmd)))
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
-        last = ([ln for ln in proc.stderr.splitlines() if ln.strip()] or ["no output"])[-1]
-        raise BuildError(f"pip {args[0]} failed: {last}")
+        raise BuildError(f"pip {args[0]} failed: {_pip_reason(proc.stderr)}")
+
+
+_GENERIC = ("subprocess-exited-with-error", "metadata-generation-failed", "failed-wheel-build")
+
+
+def _pip_reason(stderr: str) -> str:
+    """The line that says why: the first specific "error: ..." line (pip's own closing lines are generic)."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    specific = [ln for ln in lines if ln.lower().startswith("error") and not any(g in ln for g in _GENERIC)]
+    return (specific or lines or ["no output"])[0]
 
 
 def _stage_project(stage: Path, libs: dict[str, builds.BuildInfo], *, with_model: bool) -> None:
@@ -89,7 +98,8 @@ def make_wheelhouse(dest: Path, *, with_model: bool = False, jobs: int | None = 
         stage.mkdir()
         _stage_project(stage, libs, with_model=with_model)
         log(f"iceformer-llama {__version__} wheel with the portable libraries")
-        _pip(["wheel", "--no-deps", "--no-build-isolation", "-w", str(dest), str(stage)], log=log)
+        # built in isolation: pip brings setuptools, wheel and cffi, as for any sdist
+        _pip(["wheel", "--no-deps", "-w", str(dest), str(stage)], log=log)
     log(f"llama-cpp-python {_pins.LLAMA_CPP_PYTHON_VERSION} wheel (its Python layer: the libraries are ours)")
     _pip(["wheel", "--no-deps", "--no-build-isolation", "-w", str(dest), str(fetch_sdist())], log=log,
          env={"CMAKE_ARGS": "-DLLAMA_BUILD=OFF"})
