@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.build, pytest.mark.network]
 @pytest.fixture(scope="module")
 def house(tmp_path_factory, portable_builds, bundled_model):
     dest = tmp_path_factory.mktemp("wheelhouse")
-    wheels = wheelhouse.make_wheelhouse(dest, with_model=True, smoke_model=bundled_model,
+    wheels = wheelhouse.make_wheelhouse(dest, model=bundled_model, smoke_model=bundled_model,
                                         log=lambda m: print(m, file=sys.stderr))
     return dest, wheels
 
@@ -29,7 +29,7 @@ def _one(wheels, prefix):
     return found[0]
 
 
-def test_the_package_wheel_carries_both_portable_builds(house):
+def test_the_package_wheel_carries_both_portable_builds(house, bundled_model):
     _, wheels = house
     ours = _one(wheels, f"iceformer_llama-{__version__}-")
     assert not ours.name.endswith("-none-any.whl")  # a platform wheel: it holds compiled code
@@ -43,8 +43,9 @@ def test_the_package_wheel_carries_both_portable_builds(house):
             manifest = json.loads(z.read(base + "build.json"))
             assert manifest["portable"] and manifest["flags"]["GGML_CPU_ALL_VARIANTS"] == "ON"
         assert not any(n.startswith(("native/", "patches/")) for n in names)
+        assert f"iceformer_llama/_model/{bundled_model.name}" in names
         metadata = next(z.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
-        assert f"Requires-Dist: {_pins.BUNDLED_WHEEL}" in metadata
+        assert f"Requires-Dist: llama-cpp-python=={_pins.LLAMA_CPP_PYTHON_VERSION}" in metadata
         assert "Requires-Dist: cmake" not in metadata.split("Provides-Extra")[0]
     layer = _one(wheels, f"llama_cpp_python-{_pins.LLAMA_CPP_PYTHON_VERSION}-")
     with zipfile.ZipFile(layer) as z:

