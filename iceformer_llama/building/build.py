@@ -419,8 +419,9 @@ def describe() -> list[str]:
             label = f"{kind} ({'portable' if variant else 'native'})"
             info = find_build(kind, portable=variant)
             if info is None or info.path.parent != builds_dir():
-                cmd = ("setup" if not layer and not variant else "build") + \
-                    (" --stock" if kind == "stock" else "") + (" --portable" if variant else "")
+                cmd = "build" + (" --stock" if kind == "stock" else "") + (" --portable" if variant else "")
+                if not layer:  # setup installs the Python layer and builds the native variant
+                    cmd = f"setup{' --stock' if kind == 'stock' else ''}" + (f" first, then {cmd}" if variant else "")
                 lines.append(f"{label}: not built (run: python -m iceformer_llama {cmd})")
                 continue
             m = info.manifest()
