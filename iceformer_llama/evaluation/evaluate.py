@@ -275,8 +275,9 @@ def corpus_documents(llm, lengths, args) -> tuple[list, dict]:
     files) and the corpus manifest for the JSON: sources, licences, what was skipped or missing."""
     from . import documents as D
 
-    chosen = D.select(D.catalogue(), args.classes, args.docs, args.docs_per_class) if args.classes else []
-    missing = [p for p in D.catalogue() if p.text is None and p.source.klass in args.classes
+    prepared = D.catalogue() if args.classes else ()
+    chosen = D.select(prepared, args.classes, args.docs, args.docs_per_class)
+    missing = [p for p in prepared if p.text is None and p.source.klass in args.classes
                and (args.docs == "all" or p.source.split == args.docs)]
     docs, skipped = [], []
     for n in lengths:
