@@ -37,6 +37,17 @@ def bundled_model():
 
 
 @pytest.fixture(scope="session")
+def patched_build():
+    """The patched build must exist (eval and the runtime need no stock build)."""
+    from iceformer_llama.building.build import find_build
+
+    found = find_build("patched")
+    if found is None or not found.current:
+        pytest.fail("missing or outdated patched build; run: python -m iceformer_llama setup")
+    return found
+
+
+@pytest.fixture(scope="session")
 def builds():
     """Both builds must exist (make test builds them once per run)."""
     from iceformer_llama.building.build import find_build

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, assert_one_line_error, run_cli
 from iceformer_llama.evaluation import bench, evaluate, tasks
 from iceformer_llama.runtime.settings import IceformerSettings
 
@@ -222,12 +222,13 @@ def test_bench_refuses_a_bad_variant_in_one_line(args, message, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def eval_result(builds, bundled_model, tmp_path_factory):
+def eval_result(patched_build, bundled_model, tmp_path_factory):
     from iceformer_llama.runtime.models import check_gguf
 
     all_layers = "+".join(map(str, range(check_gguf(bundled_model).n_layers)))
     out = tmp_path_factory.mktemp("eval") / "eval.json"
-    proc = run_command("eval", "--lengths", "512", "--score-from", "0", "--task-lengths", "256", "--depths", "0.5",
+    proc = run_command("eval", "--lengths", "512", "--score-from", "0", "--classes", "prose", "--docs-per-class", "1",
+                       "--task-lengths", "256", "--depths", "0.5",
                        "--trials", "1", "-n", "6", "--threads", "1", "--seed", "3",
                        "--variant", f"dense_layers={all_layers}", "--variant", "min_n_kv=100000", "--out", out)
     assert proc.returncode == 0, proc.stderr
@@ -270,3 +271,45 @@ def test_eval_runs_the_retrieval_tasks(eval_result):
         assert set(rec["results"]) == {"dense", *(v["label"] for v in result["variants"])}
     modes = [s["mode"] for s in result["summary"]]
     assert modes[0] == "dense" and len(modes) == 3
+
+
+def test_eval_reports_each_document_beside_the_floor(eval_result):
+    result, _, stdout = eval_result
+    (text,) = result["texts"]
+    (source,) = result["corpus"]["sources"]
+    assert text["class"] == "prose" and text["split"] == "report" and text["document"] == source["id"]
+    assert source["licence"] and source["sha256"] and result["corpus"]["docs"] == "report"
+    assert 1.0 < text["ppl_dense"] < 1000 and text["first_position"] == 0
+    assert set(text["floor"]) == {"top1_agreement", "mean_kl", "ppl", "ppl_vs_dense"}
+    for doc in result["documents"]:
+        assert doc["document"] == text["document"] and doc["floor"] == text["floor"]
+        assert doc["ppl_vs_dense"] == pytest.approx(doc["ppl_iceformer"] / doc["ppl_dense"] - 1)
+    exact = next(d for d in result["documents"] if d["variant"].startswith("dense_layers="))
+    assert exact["within_target"] is True
+    assert {r["class"] for r in result["class_summary"]} == {"all"}
+    assert "top-1 (floor)" in stdout and "ppl vs dense (floor)" in stdout and text["document"] in stdout
+
+
+def test_eval_scores_a_text_file_as_written(patched_build, bundled_model, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\n\n".join(f"Note {i}: the kettle in room {i} was descaled on day {3 * i % 7}." for i in range(60)))
+    out = tmp_path / "eval.json"
+    proc = run_command("eval", "--lengths", "256", "--tasks", "none", "--threads", "1", "--rounding-floor", "off",
+                       "--variant", "min_n_kv=100000", "--text-file", notes, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    (text,) = result["texts"]           # with --text-file and no --classes: only the user's file
+    assert (text["document"], text["class"], text["n_tokens"], text["floor"]) == ("file:notes.txt", "user", 256, None)
+    assert result["corpus"]["text_files"] == [str(notes)] and result["rounding_floor"] == []
+
+
+def test_eval_refuses_a_text_file_shorter_than_the_length(patched_build, bundled_model, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.")
+    out = tmp_path / "eval.json"
+    proc = run_cli("eval", "--lengths", "256", "--tasks", "none", "--threads", "1", "--text-file", short, "--out", out,
+                   timeout=300)
+    assert_one_line_error(proc, f"--text-file {short} has", "fewer than the 256 asked for")
+    assert not out.exists()
+    proc = run_cli("eval", "--lengths", "256", "--tasks", "none", "--text-file", tmp_path / "absent.txt", timeout=120)
+    assert_one_line_error(proc, "absent.txt", "no such file")

@@ -1,15 +1,17 @@
 """Teacher-forced accuracy of IceFormer attention against dense, in one process (patched backend).
 
-For a token sequence, both modes see the same prompt; at every position we compare the next-token
-distributions: top-1 agreement, mean KL(dense || iceformer) and each mode's perplexity.
+For a token sequence, both modes see the same prompt; at every scored position we compare the
+next-token distributions: top-1 agreement, mean KL(dense || other) and each mode's perplexity. Only the
+scored positions' logits are requested (logits.py); the other mode's rows are compared as they arrive.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+import math
 
 import numpy as np
+
+from .logits import scored_logits
 
 _CHUNK = 256
 
@@ -20,59 +22,77 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-@dataclass
-class Comparison:
-    n_tokens: int
-    first_position: int       # positions [first_position, n_tokens) are scored
-    top1_agreement: float
-    mean_kl: float
-    ppl_dense: float
-    ppl_iceformer: float
-    prefill_seconds_dense: float
-    prefill_seconds_iceformer: float
+class RowStats:
+    """Running top-1 agreement, KL(ref || other) and both NLLs over aligned logit rows."""
 
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
+    def __init__(self):
+        self.n = 0
+        self.agree = self.kl = self.nll_ref = self.nll_other = 0.0
 
+    def add(self, ref: np.ndarray, other: np.ndarray, targets) -> None:
+        """ref, other: [k, vocab] logits at the same positions; targets[j]: the token that follows row j."""
+        targets = np.asarray(targets)
+        for lo in range(0, len(ref), _CHUNK):
+            hi = min(lo + _CHUNK, len(ref))
+            la, lb = _log_softmax(ref[lo:hi]), _log_softmax(other[lo:hi])
+            rows, nxt = np.arange(hi - lo), targets[lo:hi]
+            self.agree += float((la.argmax(-1) == lb.argmax(-1)).sum())
+            self.kl += float((np.exp(la) * (la - lb)).sum())
+            self.nll_ref -= float(la[rows, nxt].sum())
+            self.nll_other -= float(lb[rows, nxt].sum())
+            self.n += hi - lo
 
-def _prefill_logits(llm, tokens) -> tuple[np.ndarray, float]:
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(tokens)
-    seconds = time.perf_counter() - t0
-    return np.array(llm.scores[: len(tokens)], dtype=np.float32), seconds
+    def _mean(self, x: float) -> float:
+        return x / max(1, self.n)
 
+    @property
+    def top1(self) -> float:
+        return self._mean(self.agree)
 
-def dense_reference(llm, tokens):
-    llm.set_attention("dense")
-    return _prefill_logits(llm, tokens)
+    @property
+    def mean_kl(self) -> float:
+        return self._mean(self.kl)
+
+    @property
+    def ppl_ref(self) -> float:
+        return math.exp(self._mean(self.nll_ref))
+
+    @property
+    def ppl_other(self) -> float:
+        return math.exp(self._mean(self.nll_other))
 
 
 def compare_logits(a: np.ndarray, b: np.ndarray, first: int = 0, tokens=None) -> tuple[float, float, float, float]:
     """(top-1 agreement, mean KL(a || b), mean NLL of a, mean NLL of b) over rows [first, n-1) of two
-    logit arrays (positions x vocab); the NLLs score tokens[i+1] at row i (0.0 without tokens)."""
+    full logit arrays (positions x vocab); the NLLs score tokens[i+1] at row i (0.0 without tokens)."""
     n = len(a)
-    agree = kl = nll_a = nll_b = 0.0
-    for lo in range(first, n - 1, _CHUNK):
-        hi = min(lo + _CHUNK, n - 1)
-        la, lb = _log_softmax(a[lo:hi]), _log_softmax(b[lo:hi])
-        agree += float((la.argmax(-1) == lb.argmax(-1)).sum())
-        kl += float((np.exp(la) * (la - lb)).sum())
-        if tokens is not None:
-            rows, nxt = np.arange(hi - lo), np.asarray(tokens[lo + 1:hi + 1])
-            nll_a -= float(la[rows, nxt].sum())
-            nll_b -= float(lb[rows, nxt].sum())
-    count = max(1, n - 1 - first)
-    return agree / count, kl / count, nll_a / count, nll_b / count
+    stats = RowStats()
+    targets = np.asarray(tokens[first + 1:n]) if tokens is not None else np.zeros(max(0, n - 1 - first), dtype=int)
+    stats.add(a[first:n - 1], b[first:n - 1], targets)
+    nll = (stats._mean(stats.nll_ref), stats._mean(stats.nll_other)) if tokens is not None else (0.0, 0.0)
+    return stats.top1, stats.mean_kl, *nll
 
 
-def compare(llm, tokens, settings, dense, dense_seconds, *, first_position: int = 0) -> Comparison:
-    """IceFormer (with `settings`) against precomputed dense logits on the same tokens."""
+def dense_rows(llm, tokens, first: int) -> tuple[np.ndarray, float]:
+    """Dense logits at the scored positions [first, n-1) and the prefill seconds."""
+    llm.set_attention("dense")
+    return scored_logits(llm, tokens, first)
+
+
+def against(llm, tokens, first: int, reference: np.ndarray) -> tuple[RowStats, float]:
+    """Prefills tokens with llm's current attention and compares each scored row with `reference`
+    (dense_rows' rows) as it arrives: nothing but the reference is kept."""
+    stats = RowStats()
+    targets = np.asarray(tokens[first + 1:])
+
+    def sink(offset, block):
+        stats.add(reference[offset:offset + len(block)], block, targets[offset:offset + len(block)])
+
+    _, seconds = scored_logits(llm, tokens, first, sink=sink)
+    return stats, seconds
+
+
+def compare(llm, tokens, settings, reference, *, first: int) -> tuple[RowStats, float]:
+    """IceFormer (with `settings`) against dense rows on the same tokens: (stats, prefill seconds)."""
     llm.set_attention("iceformer", settings)
-    ice, ice_seconds = _prefill_logits(llm, tokens)
-    n = len(tokens)
-    agree, kl, nll_d, nll_i = compare_logits(dense, ice, first_position, tokens)
-    return Comparison(n_tokens=n, first_position=first_position, top1_agreement=agree,
-                      mean_kl=kl, ppl_dense=float(np.exp(nll_d)),
-                      ppl_iceformer=float(np.exp(nll_i)), prefill_seconds_dense=dense_seconds,
-                      prefill_seconds_iceformer=ice_seconds)
+    return against(llm, tokens, first, reference)

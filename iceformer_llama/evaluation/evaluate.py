@@ -1,15 +1,21 @@
 """`python -m iceformer_llama eval`: accuracy of IceFormer attention against dense, on one model, in one
 process (patched backend), for one or more knob settings (`--variant`), so the output is a curve.
 
-- Teacher-forced on corpus documents (`--lengths`): top-1 agreement of the next-token prediction, mean
-  KL(dense || iceformer), both perplexities, and each mode's prefill time from the same run.
+- Teacher-forced on documents of `--lengths` tokens: natural prose, code and copy-heavy text from the
+  machine (sources.py: each source's licence, the tune/report split; `--classes`, `--docs`) and the
+  user's own files (`--text-file`). Per setting, length and document: top-1 agreement of the next-token
+  prediction, mean KL(dense || iceformer) and perplexity against dense, beside llama.cpp's own floor on
+  the same positions (dense with flash attention flipped, `--rounding-floor`), a within-target flag
+  (floor.py), each document's dense perplexity, and each mode's prefill time from the same run. Only
+  the scored positions' logits are requested (logits.py).
 - Passkey retrieval and LongEval-style line retrieval (`tasks.py`) at `--task-lengths` x `--depths`,
   `--trials` prompts each, seeded by `--seed`: plain greedy completion, exact match of the number;
   accuracy for dense and each setting, and the ratio.
 
     python -m iceformer_llama eval --variant top_blocks=8,block_size=32 --variant top_k=32 --out results/eval.json
 
-Writes the JSON (`--out`) and a PNG beside it: accuracy against prefill speed-up, one point per setting.
+Writes the JSON (`--out`) and a PNG beside it (eval_output.py): agreement against prefill speed-up,
+each document's top-1 and perplexity beside the floor's, retrieval accuracy.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..runtime.settings import IceformerSettings
-from .corpus import SOURCE as corpus_source
+from .floor import PPL_TOLERANCE, TOP1_MARGIN
 from .report import write_results
+from .sources import CLASSES, SPLITS
 
 DEFAULT_LENGTHS = (1024, 2048, 4096)
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
@@ -189,49 +196,6 @@ def overall_summary(docs: list[dict], records: list[dict], labels: list[str]) ->
     return out
 
 
-def _f(x, spec=".3f"):
-    return "-" if x is None else format(x, spec)
-
-
-def _table(head, rows) -> str:
-    lines = [tuple(head)] + [tuple(map(str, r)) for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
-
-
-def format_report(result: dict) -> str:
-    parts = []
-    if result["documents"]:
-        parts.append("teacher-forced, positions from " + f"{result['score_from']:.0%} of each document")
-        parts.append(_table(
-            ("length", "setting", "top-1", "KL", "ppl dense", "ppl ice", "dense tok/s", "ice tok/s", "speed-up"),
-            [(d["n_tokens"], d["variant"], _f(d["top1_agreement"]), _f(d["mean_kl"], ".4f"), _f(d["ppl_dense"], ".2f"),
-              _f(d["ppl_iceformer"], ".2f"), _f(d["n_tokens"] / d["prefill_seconds_dense"], ".1f"),
-              _f(d["n_tokens"] / d["prefill_seconds_iceformer"], ".1f"),
-              _f(d["prefill_seconds_dense"] / d["prefill_seconds_iceformer"], ".2f") + "x")
-             for d in result["documents"]]))
-    fa = "off" if result["flash_attn"] != "off" else "on"
-    for f in result.get("rounding_floor", []):
-        parts.append(f"rounding floor at {f['n_tokens']}: dense with flash attention {fa} agrees with dense at "
-                     f"top-1 {f['top1_agreement']:.3f}, KL {f['mean_kl']:.4f}")
-    if result["task_summary"]:
-        labels = [v["label"] for v in result["variants"]]
-        parts.append("\nretrieval accuracy (exact match), dense | each setting (ratio to dense)")
-        parts.append(_table(("task", "length", "n", "dense", *labels),
-                            [(r["task"], r["length"], r["n"], _f(r["dense"], ".2f"),
-                              *(f"{_f(r['variants'][l]['accuracy'], '.2f')} ({_f(r['variants'][l]['ratio'], '.2f')})"
-                                for l in labels)) for r in result["task_summary"]]))
-    tasks = sorted({t for s in result["summary"] for t in s["tasks"]})
-    parts.append("\nsummary")
-    parts.append(_table(("setting", "top-1", "KL", "prefill tok/s", "speed-up", *tasks),
-                        [(s["mode"], _f(s["top1_agreement"]), _f(s["mean_kl"], ".4f"),
-                          _f(s["prefill_tokens_per_second"], ".1f"), _f(s["prefill_speedup"], ".2f") + "x",
-                          *(_f(s["tasks"].get(t), ".2f") for t in tasks)) for s in result["summary"]]))
-    return "\n".join(parts)
-
-
 # ------------------------------------------------------------------------------------------------
 # Running
 
@@ -240,46 +204,46 @@ def task_seed(base: int, task: str, length: int, depth: float, trial: int) -> in
     return random.Random(f"{base}:{task}:{length}:{depth}:{trial}").randrange(1 << 31)
 
 
-def _open(args, ctx_size: int, *, logits_all: bool):
+def _open(args, ctx_size: int):
+    """The patched model in dense attention; logits are requested per position (logits.py), never all."""
     from ..runtime.options import open_model
 
     ns = argparse.Namespace(**vars(args))
     ns.backend, ns.attention, ns.ctx_size, ns.seed = "patched", "dense", ctx_size, None
-    return open_model(ns, logits_all=logits_all)
+    return open_model(ns, logits_all=False)
 
 
-def agreement(a, b, first: int) -> tuple[float, float]:
-    """(top-1 agreement, mean KL(a || b)) of two logit arrays (positions x vocab) over rows [first, n-1)."""
-    from .accuracy import compare_logits
+def run_documents(llm, documents, variants, *, score_from: float, bar, floor_llm=None) -> tuple[list[dict], list[dict]]:
+    """Each variant against dense on each document (records), and each document's own figures (texts):
+    dense perplexity and, with floor_llm (dense, flash attention flipped), how far llama.cpp's two exact
+    kernels are from each other on the same positions, the floor under the variants' figures."""
+    from .accuracy import RowStats, against, compare, dense_rows
+    from .floor import document_record, floor_figures
 
-    agree, kl, _, _ = compare_logits(a, b, first)
-    return agree, kl
-
-
-def run_documents(llm, lengths, variants, *, score_from: float, bar, floor_llm=None) -> tuple[list[dict], list[dict]]:
-    """Each variant against dense on each document; with floor_llm (dense, flash attention flipped), also
-    how far llama.cpp's two dense kernels are from each other: the rounding floor of these metrics."""
-    from .accuracy import compare, dense_reference
-    from .corpus import document_tokens
-
-    docs, floor = [], []
-    for n in lengths:
-        tokens = document_tokens(llm, n)
-        dense, dense_s = dense_reference(llm, tokens)
-        bar.update(1)
+    records, texts = [], []
+    for doc in documents:
+        tokens, n = doc.tokens, len(doc.tokens)
         first = min(int(score_from * n), n - 2)
+        dense, dense_s = dense_rows(llm, tokens, first)
+        bar.update(1)
+        floor = None
         if floor_llm is not None:
-            other, _ = dense_reference(floor_llm, tokens)
-            top1, kl = agreement(dense, other, first)
-            floor.append({"n_tokens": n, "first_position": first, "top1_agreement": top1, "mean_kl": kl})
-            del other
+            floor_llm.set_attention("dense")
+            stats, _ = against(floor_llm, tokens, first, dense)
+            floor = floor_figures(stats)
             bar.update(1)
+        else:
+            stats = RowStats()
+            stats.add(dense, dense, tokens[first + 1:])
+        info = doc.describe()
+        texts.append({**info, "licence": doc.licence, "first_position": first, "ppl_dense": stats.ppl_ref,
+                      "prefill_seconds_dense": dense_s, "floor": floor})
         for label, settings in variants:
-            c = compare(llm, tokens, settings, dense, dense_s, first_position=first)
-            docs.append({"variant": label, **c.as_dict()})
+            stats, ice_s = compare(llm, tokens, settings, dense, first=first)
+            records.append(document_record(label, info, first, stats, dense_s, ice_s, floor))
             bar.update(1)
         del dense
-    return docs, floor
+    return records, texts
 
 
 def run_tasks(llm, tasks, lengths, depths, trials: int, variants, *, seed: int, n_predict: int, bar) -> list[dict]:
@@ -306,60 +270,25 @@ def run_tasks(llm, tasks, lengths, depths, trials: int, variants, *, seed: int, 
     return records
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
+def corpus_documents(llm, lengths, args) -> tuple[list, dict]:
+    """The documents to score at each length (catalogue sources of --classes/--docs, then --text-file
+    files) and the corpus manifest for the JSON: sources, licences, what was skipped or missing."""
+    from . import documents as D
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary = result["summary"]
-    variants = [s for s in summary if s["mode"] != "dense"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    number = {s["mode"]: str(i + 1) for i, s in enumerate(variants)}
-    ax = axes[0]
-    for n in sorted({d["n_tokens"] for d in result["documents"]}):
-        pts = sorted((d["prefill_seconds_dense"] / d["prefill_seconds_iceformer"], d["top1_agreement"], d["variant"])
-                     for d in result["documents"] if d["n_tokens"] == n)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{n} tokens")
-        for x, y, label in pts:
-            ax.annotate(number[label], (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
-    floor = result.get("rounding_floor") or []
-    if floor:
-        ax.axhline(sum(f["top1_agreement"] for f in floor) / len(floor), color="grey", lw=1, ls=":",
-                   label="dense vs dense, flash attention flipped")
-    ax.axvline(1.0, color="grey", lw=1, ls="--")
-    ax.set_xlabel("prefill speed-up over dense (same run)")
-    ax.set_ylabel("top-1 agreement with dense")
-    ax.set_title("teacher-forced agreement")
-    ax.grid(alpha=0.3)
-    if result["documents"]:
-        ax.legend(fontsize=8)
-    ax = axes[1]
-    tasks = sorted({t for s in summary for t in s["tasks"]})
-    for task, style in zip(tasks, ("o-", "s-", "^-")):
-        pts = sorted((s["prefill_speedup"], s["tasks"][task]) for s in variants
-                     if s["prefill_speedup"] is not None and s["tasks"].get(task) is not None)
-        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{task} (iceformer)")
-        for s in variants:
-            if s["prefill_speedup"] is not None and s["tasks"].get(task) is not None:
-                ax.annotate(number[s["mode"]], (s["prefill_speedup"], s["tasks"][task]), fontsize=8,
-                            xytext=(4, 4), textcoords="offset points")
-        dense = summary[0]["tasks"].get(task)
-        if dense is not None:
-            ax.axhline(dense, color=line.get_color(), lw=1, ls="--", label=f"{task} (dense)")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("prefill speed-up over dense (documents)")
-    ax.set_ylabel("retrieval accuracy")
-    ax.set_title("passkey / line retrieval")
-    ax.grid(alpha=0.3)
-    if tasks:
-        ax.legend(fontsize=8)
-    legend = "\n".join(f"{i + 1}: {s['mode']}" for i, s in enumerate(variants))
-    fig.text(0.01, 0.01, legend, fontsize=7, va="bottom")
-    fig.suptitle(f"{Path(result['model']).name}: IceFormer settings, accuracy against speed")
-    fig.tight_layout(rect=(0, 0.04 + 0.02 * len(variants), 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    prepared = D.catalogue() if args.classes else ()
+    chosen = D.select(prepared, args.classes, args.docs, args.docs_per_class)
+    missing = [p for p in prepared if p.text is None and p.source.klass in args.classes
+               and (args.docs == "all" or p.source.split == args.docs)]
+    docs, skipped = [], []
+    for n in lengths:
+        found, short = D.documents_at(llm, n, chosen)
+        docs += found
+        skipped += short
+        docs += D.text_file_documents(llm, args.text_file or [], n)
+    manifest = {"classes": args.classes, "docs": args.docs, "docs_per_class": args.docs_per_class,
+                "sources": [p.as_dict() for p in chosen + missing], "text_files": list(args.text_file or []),
+                "skipped": skipped, "about": "iceformer_llama/evaluation/sources.py and documents.py"}
+    return docs, manifest
 
 
 def cmd_eval(args) -> int:
@@ -367,6 +296,9 @@ def cmd_eval(args) -> int:
 
     from ..runtime.models import check_gguf, resolve_model
     from ..runtime.settings import from_arguments
+    from .documents import read_text_file
+    from .eval_output import format_report, plot
+    from .floor import class_summary
     from .tasks import TASKS
 
     model = str(resolve_model(args.model))
@@ -379,6 +311,10 @@ def cmd_eval(args) -> int:
         raise UsageError(f"unknown task in --tasks {','.join(tasks)}: choose from {', '.join(TASKS)} or none")
     if not lengths and not (tasks and task_lengths):
         raise UsageError(f"nothing to evaluate within the model's trained context ({info.context_length} tokens)")
+    if args.classes is None:
+        args.classes = [] if args.text_file else list(CLASSES)
+    for path in args.text_file or []:
+        read_text_file(path)
     try:
         variants = build_variants(from_arguments(args), list(args.settings or []) + list(args.variant or []))
     except (ValueError, TypeError) as e:
@@ -387,35 +323,47 @@ def cmd_eval(args) -> int:
     seed = 0 if args.seed is None else args.seed
     started = time.time()
     progress = sys.stderr.isatty()
-    total = len(lengths) * (1 + len(variants) + int(args.rounding_floor == "on")) + len(tasks) * len(task_lengths) * len(args.depths) * args.trials * (1 + len(variants))
-    docs, records, floor = [], [], []
-    with tqdm(total=total, desc="eval", unit="run", file=sys.stderr, disable=not progress) as bar:
+    docs, texts, records, manifest = [], [], [], {}
+    with contextlib.ExitStack() as stack:
+        llm = floor_llm = documents = None
         if lengths:
-            with contextlib.ExitStack() as stack:
-                llm = stack.enter_context(_open(args, max(lengths) + _CTX_SLACK, logits_all=True))
-                floor_llm = None
-                if args.rounding_floor == "on":
-                    flipped = argparse.Namespace(**vars(args))
-                    flipped.flash_attn = "off" if args.flash_attn != "off" else "on"
-                    floor_llm = stack.enter_context(_open(flipped, max(lengths) + _CTX_SLACK, logits_all=True))
-                docs, floor = run_documents(llm, lengths, variants, score_from=args.score_from, bar=bar,
+            llm = stack.enter_context(_open(args, max(lengths) + _CTX_SLACK))
+            documents, manifest = corpus_documents(llm, lengths, args)
+            if not documents:
+                raise UsageError(f"no document of {','.join(map(str, lengths))} tokens in --classes "
+                                 f"{','.join(args.classes) or 'none'} (--docs {args.docs}): choose shorter --lengths")
+            if args.rounding_floor == "on":
+                flipped = argparse.Namespace(**vars(args))
+                flipped.flash_attn = "off" if args.flash_attn != "off" else "on"
+                floor_llm = stack.enter_context(_open(flipped, max(lengths) + _CTX_SLACK))
+        total = (len(documents or []) * (1 + len(variants) + int(floor_llm is not None))
+                 + len(tasks) * len(task_lengths) * len(args.depths) * args.trials * (1 + len(variants)))
+        with tqdm(total=total, desc="eval", unit="run", file=sys.stderr, disable=not progress) as bar:
+            if documents:
+                docs, texts = run_documents(llm, documents, variants, score_from=args.score_from, bar=bar,
                                             floor_llm=floor_llm)
-        if tasks and task_lengths:
-            with _open(args, max(task_lengths) + args.n_predict + _CTX_SLACK, logits_all=False) as llm:
-                records = run_tasks(llm, tasks, task_lengths, args.depths, args.trials, variants, seed=seed,
-                                    n_predict=args.n_predict, bar=bar)
+            stack.close()  # the document models go before the task model opens
+            if tasks and task_lengths:
+                with _open(args, max(task_lengths) + args.n_predict + _CTX_SLACK) as llm:
+                    records = run_tasks(llm, tasks, task_lengths, args.depths, args.trials, variants, seed=seed,
+                                        n_predict=args.n_predict, bar=bar)
     labels = [label for label, _ in variants]
     threads = args.threads or os.cpu_count() or 1
     result = {
         "command": "python -m iceformer_llama " + shlex.join(sys.argv[1:]),
         "model": model, "model_name": info.name, "context_length": info.context_length,
-        "corpus": corpus_source,
+        "corpus": manifest,
         "threads": threads, "flash_attn": args.flash_attn, "batch_size": args.batch_size,
         "lengths": lengths, "score_from": args.score_from,
+        "targets": {"ppl_tolerance": PPL_TOLERANCE, "top1_margin": TOP1_MARGIN},
         "task_lengths": task_lengths if tasks else [], "depths": args.depths, "trials": args.trials, "seed": seed,
         "n_predict": args.n_predict, "tasks": tasks,
         "variants": [{"label": label, "knobs": s.overrides()} for label, s in variants],
-        "documents": docs, "rounding_floor": floor, "task_summary": task_summary(records, labels),
+        "texts": texts, "documents": docs,
+        "rounding_floor": [{"n_tokens": t["n_tokens"], "document": t["document"], "first_position": t["first_position"],
+                            "ppl_dense": t["ppl_dense"], **t["floor"]} for t in texts if t["floor"]],
+        "class_summary": class_summary(docs, labels),
+        "task_summary": task_summary(records, labels),
         "summary": overall_summary(docs, records, labels), "task_records": records,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "wall_seconds": round(time.time() - started, 1),
@@ -442,6 +390,15 @@ def _fraction(text: str) -> float:
     return values[0]
 
 
+def _classes(text: str) -> list[str]:
+    from .documents import check_classes
+
+    try:
+        return check_classes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def variant_argument(text: str) -> str:
     try:
         variant_overrides(text)
@@ -462,6 +419,15 @@ def register(subparsers) -> None:
     p.add_argument("--lengths", type=parse_lengths, default=list(DEFAULT_LENGTHS),
                    help=f"document lengths in tokens (default {','.join(map(str, DEFAULT_LENGTHS))}); "
                         "capped at the trained context")
+    p.add_argument("--classes", type=_classes, default=None, metavar="CLASS,...",
+                   help=f"document classes: {','.join(CLASSES)} or all (default all; none with --text-file)")
+    p.add_argument("--docs", choices=SPLITS + ("all",), default="report",
+                   help="which documents of each class: the tune set (to choose settings on), the report set "
+                        "(to report them on) or all (default report)")
+    p.add_argument("--docs-per-class", type=positive, default=None, metavar="N",
+                   help="only the first N documents of each class (default all)")
+    p.add_argument("--text-file", action="append", default=None, metavar="FILE",
+                   help="also score this UTF-8 file's first --lengths tokens, as written (repeatable)")
     p.add_argument("--score-from", type=_fraction, default=0.5,
                    help="score positions from this fraction of each document on, where the context is long "
                         "(default 0.5)")
