@@ -16,7 +16,6 @@ Writes the JSON (`--out`) and a PNG beside it (tokens/s and patched/stock ratio 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -211,7 +210,7 @@ def write_documents(model: str, lengths, folder: Path) -> dict[int, Path]:
     # Tokenizing needs a loaded model: the child processes pick their own backend, so this one may use
     # whichever is built (vocab_only: no weights are read).
     backend.use_backend("patched" if backend.find_build("patched") else "stock")
-    with _quiet_stderr():  # llama.cpp warns that a vocab-only context has no training context
+    with backend.quiet_stderr():  # llama.cpp warns that a vocab-only context has no training context
         llm = Llama(model, vocab_only=True, verbose=False)
     try:
         files = {}
@@ -225,20 +224,6 @@ def write_documents(model: str, lengths, folder: Path) -> dict[int, Path]:
         return files
     finally:
         llm.close()
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silences file descriptor 2 (llama.cpp's own logging) for the duration."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def run_bench(*, model: str, lengths, repeat: int, threads: int, n_predict: int, batch_size: int,

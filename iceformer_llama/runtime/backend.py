@@ -77,7 +77,7 @@ def load():
         raise BackendError(f"cannot load {info.libllama}: {e}") from None
     if cpu_modules(info.lib_dir):
         # ggml names the module it chose on stderr, unconditionally (level NONE): not for users
-        with _stderr_silenced():
+        with quiet_stderr():
             registered = load_cpu_modules(info.lib_dir)
         if registered == 0:
             raise BackendError(f"no CPU backend module in {info.lib_dir} runs on this CPU")
@@ -87,7 +87,7 @@ def load():
 
 
 @contextlib.contextmanager
-def _stderr_silenced():
+def quiet_stderr():
     """File descriptor 2 to /dev/null (native code writes there directly)."""
     sys.stderr.flush()
     saved = os.dup(2)
