@@ -30,13 +30,17 @@ CONFIGS = (Config("patched", "patched", "iceformer", "auto", []), Config("stock-
 BUILDS = ("native", "portable")
 
 
+def configs(args) -> list[Config]:
+    return [c for c in CONFIGS if c.name in args.configs]
+
+
 def measure(args) -> dict:
     model = str(resolve_model(args.model))
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         doc = write_documents(model, [args.length], Path(tmp))[args.length]
         for rnd in range(-1, args.repeat):  # round -1: warm-up, discarded
-            for cfg in CONFIGS:
+            for cfg in configs(args):
                 for variant in BUILDS:
                     os.environ["ICEFORMER_LLAMA_BUILD"] = variant
                     cmd = _generate_command(cfg, model=model, prompt_file=str(doc), n_predict=args.n_predict,
@@ -49,7 +53,7 @@ def measure(args) -> dict:
                     if rnd >= 0:
                         runs.append(row)
     summary = {}
-    for cfg in CONFIGS:
+    for cfg in configs(args):
         summary[cfg.name] = {}
         for metric in METRICS:
             s = {b: summarize(r[metric] for r in runs if r["config"] == cfg.name and r["build"] == b) for b in BUILDS}
@@ -97,6 +101,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("-n", "--n-predict", type=int, default=64)
+    p.add_argument("--configs", type=lambda s: s.split(","), default=[c.name for c in CONFIGS],
+                   help="comma-separated: patched, stock-fa-on (default both)")
     p.add_argument("--out", default="results/portable-speed.json")
     args = p.parse_args()
     started = time.time()
