@@ -153,7 +153,7 @@ def test_two_builds_at_once_into_an_empty_cache_run_one_build(tmp_path):
         assert p.returncode == 0, err
     assert outs[0][0] == outs[1][0] and outs[0][0].strip().endswith("/lib")
     stderr = outs[0][1] + outs[1][1]
-    assert stderr.count("building stock llama.cpp") == 1, stderr
+    assert stderr.count(f"building stock llama.cpp {_pins.LLAMA_CPP_COMMIT}") == 1, stderr  # the build's own line
     assert "waiting for another iceformer-llama process" in stderr, stderr
     log = (cache / "work" / "stock" / "build.log").read_text()
     assert log.count("$ ") == 2, "one cmake and one ninja run in the log"  # configure + compile, once
