@@ -27,6 +27,11 @@ class FixedModel:
     def set_attention(self, attention, settings=None):
         self.mode = self.dense_name if attention == "dense" else settings
 
+    def attention_counts(self):
+        # as if each setting had attended half the visible keys of one row
+        self.calls = getattr(self, "calls", 0) + 1
+        return {"n_rows": self.calls, "n_attended": 50 * self.calls, "n_visible": 100 * self.calls}
+
 
 def fixed_scored_logits(llm, tokens, first, *, sink=None):
     assert (list(tokens), first) == (TOKENS, 1)
@@ -91,8 +96,9 @@ def test_class_summary_and_table(result):
     rows = {r["setting"]: r for r in result["class_summary"]}
     assert rows["same"]["class"] == "all" and rows["same"]["within_target"] == 1 and rows["same"]["judged"] == 1
     assert rows["worse"]["top1_minus_floor_min"] == 0.0 and rows["worse"]["within_target"] == 0
+    assert rows["same"]["keys_attended_share"] == 0.5    # the counts' delta over the setting's prefill
     text = format_report(result)
-    for column in ("top-1 (floor)", "KL (floor)", "ppl vs dense (floor)", "within target", "floor top-1", "ppl dense"):
+    for column in ("top-1 (floor)", "KL (floor)", "ppl vs dense (floor)", "keys attended", "within target", "floor top-1", "ppl dense"):
         assert column in text
     line = next(ln for ln in text.splitlines() if "man:test" in ln and " worse " in ln)
     assert "0.500 (0.500)" in line and f"{100 * (4 / math.sqrt(8) - 1):+.2f}% (-29.29%)" in line and " no " in line

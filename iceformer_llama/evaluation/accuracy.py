@@ -25,6 +25,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 class RowStats:
     """Running top-1 agreement, KL(ref || other) and both NLLs over aligned logit rows."""
 
+    keys_share: float | None = None   # compare(): the share of visible keys attended
+
     def __init__(self):
         self.n = 0
         self.agree = self.kl = self.nll_ref = self.nll_other = 0.0
@@ -93,6 +95,12 @@ def against(llm, tokens, first: int, reference: np.ndarray) -> tuple[RowStats, f
 
 
 def compare(llm, tokens, settings, reference, *, first: int) -> tuple[RowStats, float]:
-    """IceFormer (with `settings`) against dense rows on the same tokens: (stats, prefill seconds)."""
+    """IceFormer (with `settings`) against dense rows on the same tokens: (stats, prefill seconds).
+    stats.keys_share: the share of visible keys the kernel attended over the prefill (its cost in keys)."""
     llm.set_attention("iceformer", settings)
-    return against(llm, tokens, first, reference)
+    before = llm.attention_counts()
+    stats, seconds = against(llm, tokens, first, reference)
+    after = llm.attention_counts()
+    visible = after["n_visible"] - before["n_visible"]
+    stats.keys_share = (after["n_attended"] - before["n_attended"]) / visible if visible else None
+    return stats, seconds

@@ -15,6 +15,11 @@ def _pct(x):
     return "-" if x is None else f"{100 * x:+.2f}%"
 
 
+def _pct0(x):
+    """A share as a plain percentage (keys attended)."""
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
 def _pair(x, floor, fmt):
     return f"{fmt(x)} ({fmt(floor)})"
 
@@ -61,11 +66,11 @@ def format_documents(result: dict) -> str:
              _pair(d["top1_agreement"], (d["floor"] or {}).get("top1_agreement"), _f),
              _pair(d["mean_kl"], (d["floor"] or {}).get("mean_kl"), lambda x: _f(x, ".4f")),
              _pair(d["ppl_vs_dense"], (d["floor"] or {}).get("ppl_vs_dense"), _pct),
-             _yes(d["within_target"]), _f(_speedup(d), ".2f") + "x")
+             _pct0(d.get("keys_attended_share")), _yes(d["within_target"]), _f(_speedup(d), ".2f") + "x")
             for d in result["documents"]]
     return "\n".join([f"\neach setting against dense, the floor's figure in brackets; {target}", _table(
         ("length", "class", "document", "setting", "top-1 (floor)", "KL (floor)", "ppl vs dense (floor)",
-         "within target", "speed-up"), rows)])
+         "keys attended", "within target", "speed-up"), rows)])
 
 
 def format_classes(result: dict) -> str:
@@ -75,12 +80,13 @@ def format_classes(result: dict) -> str:
 
     rows = [(r["setting"], r["class"], r["n_documents"], _pair(r["top1_agreement"], r["floor_top1_agreement"], _f),
              spread(r), _pair(r["mean_kl"], r["floor_mean_kl"], lambda x: _f(x, ".4f")),
-             _pair(r["ppl_vs_dense"], r["floor_ppl_vs_dense"], _pct),
+             _pair(r["ppl_vs_dense"], r["floor_ppl_vs_dense"], _pct), _pct0(r.get("keys_attended_share")),
              "-" if r["within_target"] is None else f"{r['within_target']}/{r['judged']}")
             for r in result["class_summary"]]
     return "\n".join(["\nby class: means over documents (floor in brackets); spread of top-1 minus the floor's, "
                       "in points", _table(("setting", "class", "docs", "top-1 (floor)", "top-1 - floor",
-                                           "KL (floor)", "ppl vs dense (floor)", "within target"), rows)])
+                                           "KL (floor)", "ppl vs dense (floor)", "keys attended",
+                                           "within target"), rows)])
 
 
 def format_report(result: dict) -> str:

@@ -69,6 +69,8 @@ def _knob_value(f: dataclasses.Field, value):
                 return False
             raise ValueError(f"{f.name} takes on or off, got {value!r}")
         return bool(value)
+    if kind is float:
+        return float(value)
     return int(value)
 
 

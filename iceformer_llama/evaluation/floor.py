@@ -32,6 +32,7 @@ def document_record(label: str, doc: dict, first: int, stats, dense_seconds: flo
     return {"variant": label, **doc, "first_position": first, "top1_agreement": stats.top1,
             "mean_kl": stats.mean_kl, "ppl_dense": stats.ppl_ref, "ppl_iceformer": stats.ppl_other,
             "ppl_vs_dense": ppl_vs, "prefill_seconds_dense": dense_seconds, "prefill_seconds_iceformer": ice_seconds,
+            "keys_attended_share": stats.keys_share,
             "floor": floor, "within_target": within_target(stats.top1, ppl_vs, floor)}
 
 
@@ -50,6 +51,7 @@ def aggregate(records: list[dict]) -> dict:
         "top1_agreement": _mean(r["top1_agreement"] for r in records),
         "mean_kl": _mean(r["mean_kl"] for r in records),
         "ppl_vs_dense": _mean(r["ppl_vs_dense"] for r in records),
+        "keys_attended_share": _mean(r.get("keys_attended_share") for r in records),
         "floor_top1_agreement": _mean(f["top1_agreement"] for f in floors),
         "floor_mean_kl": _mean(f["mean_kl"] for f in floors),
         "floor_ppl_vs_dense": _mean(f["ppl_vs_dense"] for f in floors),

@@ -28,6 +28,8 @@ class llama_iceformer_params(ctypes.Structure):
         ("visit_budget", ctypes.c_int32),
         ("retrieve_budget", ctypes.c_int32),
         ("top_blocks", ctypes.c_int32),
+        ("min_blocks", ctypes.c_int32),
+        ("top_p", ctypes.c_float),
         ("seed", ctypes.c_uint64),
         ("dense_layers", ctypes.c_uint64 * 4),
         ("exact_search", ctypes.c_bool),
@@ -52,6 +54,9 @@ class IceformerAPI:
             self._get = lib.llama_get_iceformer_params
             # size_t llama_iceformer_memory(const struct llama_context *);
             self._memory = lib.llama_iceformer_memory
+            # int32_t llama_iceformer_counts(const struct llama_context *, int32_t il, int64_t * n_rows,
+            #                                int64_t * n_attended, int64_t * n_visible);
+            self._counts = lib.llama_iceformer_counts
         except AttributeError:
             raise BackendError("this libllama has no IceFormer API (a stock build?); "
                                "iceformer attention needs the patched backend") from None
@@ -60,6 +65,9 @@ class IceformerAPI:
         self._set.restype = ctypes.c_int32
         self._get.argtypes, self._get.restype = [ctypes.c_void_p], llama_iceformer_params
         self._memory.argtypes, self._memory.restype = [ctypes.c_void_p], ctypes.c_size_t
+        i64p = ctypes.POINTER(ctypes.c_int64)
+        self._counts.argtypes = [ctypes.c_void_p, ctypes.c_int32, i64p, i64p, i64p]
+        self._counts.restype = ctypes.c_int32
 
     def default_params(self) -> llama_iceformer_params:
         return self._default()
@@ -96,10 +104,18 @@ class IceformerAPI:
         out = {f[0]: getattr(p, f[0]) for f in llama_iceformer_params._fields_
                if f[0] not in ("dense_layers", "layer_budget")}
         out["mode"] = {v: k for k, v in MODES.items()}[out["mode"]]
+        out["top_p"] = round(out["top_p"], 6)   # a C float: 0.95 reads back as 0.949999988
         out["dense_layers"] = [i for i in range(n_layer) if (p.dense_layers[i // 64] >> (i % 64)) & 1]
         out["layer_budget"] = list(p.layer_budget[:n_layer])
         return out
 
     def memory(self, ctx) -> int:
         return int(self._memory(ctx))
+
+    def counts(self, ctx, layer: int = -1) -> dict:
+        """What the kernel attended since the context was made, in `layer` (-1: all layers)."""
+        rows, attended, visible = ctypes.c_int64(), ctypes.c_int64(), ctypes.c_int64()
+        if self._counts(ctx, layer, ctypes.byref(rows), ctypes.byref(attended), ctypes.byref(visible)) != 0:
+            raise UsageError(f"no layer {layer} in the IceFormer counts")
+        return {"n_rows": rows.value, "n_attended": attended.value, "n_visible": visible.value}
 

@@ -94,6 +94,14 @@ class Llama:
         """The model's layer count, as llama.cpp loaded it."""
         return int(backend.load().llama_model_n_layer(self._llm.model))
 
+    def attention_counts(self, layer: int = -1) -> dict:
+        """What the IceFormer kernel attended since the model was loaded, in `layer` (-1: every layer):
+        n_rows (query rows x heads answered), n_attended (keys attended exactly), n_visible (keys
+        dense attention would read). n_attended / n_visible is a setting's cost in keys."""
+        if self.backend != "patched":
+            return {"n_rows": 0, "n_attended": 0, "n_visible": 0}
+        return backend.iceformer_api().counts(self._llm.ctx, layer)
+
     def iceformer_memory(self) -> int:
         """Bytes held by the IceFormer kernel state of this context."""
         return backend.iceformer_api().memory(self._llm.ctx) if self.backend == "patched" else 0

@@ -203,6 +203,8 @@ class AttnParams:
     visit_budget: int
     retrieve_budget: int
     top_blocks: int
+    min_blocks: int
+    top_p: float
     seed: int
     exact_search: bool
     tail_estimate: bool
@@ -271,6 +273,13 @@ class AttentionState:
     def memory(self) -> int:
         # size_t ice_attn_state_memory(const struct ice_attn_state * state);
         return int(lib.ice_attn_state_memory(self._handle()))
+
+    def counts(self) -> dict:
+        """Rows answered, keys attended and keys visible over every forward call so far."""
+        out = ffi.new("struct ice_attn_counts *")
+        # enum ice_status ice_attn_state_counts(const struct ice_attn_state *, struct ice_attn_counts * out);
+        _check(lib.ice_attn_state_counts(self._handle(), out), "ice_attn_state_counts")
+        return {"n_rows": out.n_rows, "n_attended": out.n_attended, "n_visible": out.n_visible}
 
     def close(self) -> None:
         ptr, self._ptr = getattr(self, "_ptr", None), None

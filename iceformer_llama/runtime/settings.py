@@ -60,7 +60,12 @@ class IceformerSettings:
     n_simple: int | None = _knob("--dci-m", "DCI simple indices per composite index (m)")
     visit_budget: int | None = _knob("--visit-budget", "DCI keys visited per composite index, 0 = automatic")
     retrieve_budget: int | None = _knob("--retrieve-budget", "DCI candidates scored exactly, 0 = automatic")
-    top_blocks: int | None = _knob("--top-blocks", "blocks with the largest q.mean-key attended exactly, 0 = off")
+    top_blocks: int | None = _knob("--top-blocks", "blocks with the largest q.mean-key attended exactly, 0 = off "
+                                   "(with --top-p: the most a row attends)")
+    min_blocks: int | None = _knob("--min-blocks", "with --top-p: the fewest blocks a row attends")
+    top_p: float | None = _knob("--top-p", "0 = off; in (0, 1]: each row attends the fewest top-ranked blocks whose "
+                                "estimated softmax mass, with the sinks' and window's, reaches this share of the "
+                                "row's estimated total for every query head (top_blocks at most)", kind=float)
     seed: int | None = _knob("--dci-seed", "seed of the DCI random projections")
     dense_layers: tuple[int, ...] | None = _knob("--dense-layers", "comma-separated layers kept dense", kind="layers")
     layer_budget: tuple[int, ...] | None = _knob(
@@ -87,6 +92,9 @@ class IceformerSettings:
             if kind == "speed" and (not isinstance(value, int) or isinstance(value, bool) or value not in SPEED_LEVELS):
                 raise ValueError(f"speed must be an integer from {min(SPEED_LEVELS)} to {max(SPEED_LEVELS)}, "
                                  f"got {value!r}")
+            if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not 0.0 <= value <= 1.0):
+                raise ValueError(f"{f.name} must be a number from 0 to 1, got {value!r}")
             if kind is bool and not isinstance(value, bool):
                 raise ValueError(f"{f.name} must be True or False, got {value!r}")
             if kind == "layers":
@@ -133,6 +141,16 @@ def _parse_budgets(text: str) -> tuple[int, ...]:
     return value
 
 
+def _parse_share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return value
+
+
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("on", "true", "1", "yes"):
         return True
@@ -173,8 +191,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(IceformerSettings):
         kind = f.metadata["kind"]
         parse = {int: _non_negative, bool: _parse_bool, "layers": _parse_layers, "speed": _speed_level,
-                 "budgets": _parse_budgets}[kind]
-        metavar = {bool: "on|off", "layers": "L,L", "budgets": "P,P"}.get(kind, "N")
+                 "budgets": _parse_budgets, float: _parse_share}[kind]
+        metavar = {bool: "on|off", "layers": "L,L", "budgets": "P,P", float: "P"}.get(kind, "N")
         group.add_argument(f.metadata["flag"], dest=f"ice_{f.name}", type=parse, default=None, metavar=metavar,
                            help=f.metadata["help"] + " (default: library default)")
 

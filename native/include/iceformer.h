@@ -148,6 +148,12 @@ struct ice_attn_params {
     int32_t  retrieve_budget; // DCI candidates scored exactly per query; 0 = automatic
     int32_t  top_blocks;      // coarse search: the top_blocks blocks (block_size consecutive cells) with the
                               // largest q . mean key + 2 sd have all their visible keys attended exactly; 0 = off
+    int32_t  min_blocks;      // top_p > 0: the fewest blocks a row attends (capped by top_blocks)
+    float    top_p;           // 0 = off: every row attends top_blocks blocks. In (0, 1]: a row attends the
+                              // fewest top-ranked blocks (min_blocks..top_blocks) whose estimated softmax
+                              // mass, with the sinks' and window's, reaches top_p of its estimated total for
+                              // every query head; a block's mass is estimated from its summaries to second
+                              // order: n exp(scale q.mean + scale^2 q^2.var / 2)
     uint64_t seed;            // DCI projection seed
     bool     exact_search;    // use the brute-force index instead of DCI (oracle / debugging)
     bool     tail_estimate;   // add the block-summary estimate of keys not attended exactly
@@ -237,6 +243,16 @@ enum ice_status ice_attn_dense(const struct ice_attn_io * io, int ith, int nth);
 
 // Bytes held by the state (indices, summaries, scratch).
 size_t ice_attn_state_memory(const struct ice_attn_state * state);
+
+// What forward attended, summed over its calls since the state was created: the cost of a setting
+// measured in keys (deterministic, unlike a timing). Read between evaluations.
+struct ice_attn_counts {
+    int64_t n_rows;      // (query row, query head) pairs answered by ice_attn_forward
+    int64_t n_attended;  // keys those rows attended exactly (dense rows: all their visible keys)
+    int64_t n_visible;   // keys visible to those rows (what dense attention would read)
+};
+
+enum ice_status ice_attn_state_counts(const struct ice_attn_state * state, struct ice_attn_counts * out);
 
 void ice_attn_state_free(struct ice_attn_state * state);
 

@@ -19,6 +19,7 @@ static enum ice_status check_params(const struct ice_attn_params * p) {
     if (p->n_composite < 1 || p->n_composite > 64 || p->n_simple < 1 || p->n_simple > 64) return ICE_STATUS_INVALID_ARG;
     if ((int64_t)p->n_composite * p->n_simple > 4096) return ICE_STATUS_INVALID_ARG;
     if (p->visit_budget < 0 || p->retrieve_budget < 0 || p->top_blocks < 0) return ICE_STATUS_INVALID_ARG;
+    if (p->min_blocks < 0 || !(p->top_p >= 0.0f && p->top_p <= 1.0f)) return ICE_STATUS_INVALID_ARG;
     return ICE_STATUS_OK;
 }
 
@@ -53,7 +54,7 @@ static void head_free(struct ice_head * h) {
 static void thread_free(struct ice_thread * t) {
     if (!t) return;
     ice_dci_scratch_free(&t->dci);
-    free(t->vis); free(t->vis_bcnt); free(t->q); free(t->sc); free(t->qk); free(t->bcov); free(t->bkey); free(t->gq); free(t->bqk); free(t->q2); free(t->bsp); free(t->partial); free(t->uni); free(t->stamp);
+    free(t->vis); free(t->vis_bcnt); free(t->q); free(t->sc); free(t->qk); free(t->bcov); free(t->bkey); free(t->bmass); free(t->gq); free(t->bqk); free(t->q2); free(t->bsp); free(t->partial); free(t->uni); free(t->stamp);
     free(t->heap_s); free(t->heap_i); free(t->w); free(t->tmp); free(t->krow); free(t->dirty); free(t->k32); free(t->stat);
     for (int i = 0; i < 4; i++) free(t->half[i].buf);
     free(t->gqa_q); free(t->gsc);
@@ -79,12 +80,30 @@ size_t ice_attn_state_memory(const struct ice_attn_state * state) {
         const struct ice_thread * t = state->threads[i];
         if (!t) continue;
         b += sizeof *t + t->dci.cnt_cap + t->dci.cand_cap + t->dci.touched_cap + t->dci.qn_cap +
-             t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->qk_cap + t->bcov_cap + t->bkey_cap + t->gq_cap + t->bqk_cap + t->q2_cap + t->bsp_cap + t->partial_cap + t->uni_cap + t->stamp_cap +
+             t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->qk_cap + t->bcov_cap + t->bkey_cap + t->bmass_cap + t->gq_cap + t->bqk_cap + t->q2_cap + t->bsp_cap + t->partial_cap + t->uni_cap + t->stamp_cap +
              t->heap_s_cap + t->heap_i_cap + t->w_cap + t->tmp_cap + t->krow_cap + t->dirty_cap + t->k32_cap + t->stat_cap;
         for (int j = 0; j < 4; j++) b += t->half[j].buf_cap;
         b += t->gqa_q_cap + t->gsc_cap;
     }
     return b;
+}
+
+enum ice_status ice_attn_state_counts(const struct ice_attn_state * state, struct ice_attn_counts * out) {
+    if (!state || !out) return ICE_STATUS_INVALID_ARG;
+    memset(out, 0, sizeof *out);
+    for (int i = 0; i < ICE_MAX_THREADS; i++) {
+        const struct ice_thread * t = state->threads[i];
+        if (!t) continue;
+        out->n_rows += t->cnt.n_rows; out->n_attended += t->cnt.n_attended; out->n_visible += t->cnt.n_visible;
+    }
+    return ICE_STATUS_OK;
+}
+
+// Counts the current row's cells (th->cells, th->n_vis) for `heads` query heads.
+static void count_row(struct ice_thread * th, int64_t heads) {
+    th->cnt.n_rows += heads;
+    th->cnt.n_attended += heads * th->n_cells;
+    th->cnt.n_visible += heads * th->n_vis;
 }
 
 static struct ice_thread * get_thread(struct ice_attn_state * st, int ith) {
@@ -459,8 +478,10 @@ static enum ice_status row_cells(struct ice_attn_state * st, struct ice_thread *
                                             : row_block_scores(th, h, io, dm, s, t, hq, hq_last, &bsp);
         if (!bqk) return ICE_STATUS_NO_MEMORY;
         const int64_t added = p->group_blocks
-            ? ice_block_select(h, kv, th, p->top_blocks, dm->gqa, th->gq, bqk, bsp, th->uni, nu, gen, th->uni + nu)
-            : ice_block_select(h, kv, th, p->top_blocks, 1, q, bqk, bsp, th->uni, nu, gen, th->uni + nu);
+            ? ice_block_select(h, kv, th, p->top_blocks, p->min_blocks, p->top_p, io->scale, dm->gqa, th->gq, bqk, bsp,
+                               th->uni, nu, gen, th->uni + nu)
+            : ice_block_select(h, kv, th, p->top_blocks, p->min_blocks, p->top_p, io->scale, 1, q, bqk, bsp,
+                               th->uni, nu, gen, th->uni + nu);
         if (added < 0) return ICE_STATUS_NO_MEMORY;
         nu += added;
     }
@@ -514,6 +535,7 @@ static enum ice_status forward_group(struct ice_attn_state * st, struct ice_thre
         for (int64_t hq = g0; hq < g0 + na; hq++) {
             float * o = ice_out_row(io, s, t, hq);
             enum ice_status r = row_cells(st, th, io, dm, h, &kv, s, t, hq, g0 + na - 1, 1);
+            if (r == ICE_STATUS_OK) count_row(th, 1);
             if (r == ICE_STATUS_OK && th->cells == th->uni) {
                 // the union's scores and q.k (kept in th->qk for the estimate), then the estimate
                 ice_kv_dots(&kv, th->q, th->uni, th->n_cells, th->qk);
@@ -541,6 +563,7 @@ static enum ice_status forward_group(struct ice_attn_state * st, struct ice_thre
         if (r == ICE_STATUS_OK && (ICE_RESERVE(&th->gqa_q, &th->gqa_q_cap, na * dk, 0) ||
                                    ICE_RESERVE(&th->gsc, &th->gsc_cap, na * (th->n_cells / 2 + 1), 0))) r = ICE_STATUS_NO_MEMORY;
         if (r != ICE_STATUS_OK) return group_failed(th, io, dm, s, t, g0, parts, r, pending);
+        if (parts & ICE_HALF_0) count_row(th, na);   // a split group is counted by its first half's thread
         for (int64_t j = 0; j < na; j++) ice_view_load_row(&io->q, t, g0 + j, s, th->gqa_q + j * dk);
         for (int which = 0; which < 2; which++) {
             if (parts & (1 << which)) attend_half(&kv, io, mrow, th->gqa_q, na, th->cells, th->n_cells, which, th->gsc, hv[which], 0);
@@ -549,6 +572,7 @@ static enum ice_status forward_group(struct ice_attn_state * st, struct ice_thre
         for (int64_t j = 0; j < na; j++) {
             const enum ice_status r = row_cells(st, th, io, dm, h, &kv, s, t, g0 + j, g0 + na - 1, 0);
             if (r != ICE_STATUS_OK) return group_failed(th, io, dm, s, t, g0, parts, r, pending);
+            if (parts & ICE_HALF_0) count_row(th, 1);
             for (int which = 0; which < 2; which++) {
                 if (parts & (1 << which)) attend_half(&kv, io, mrow, th->q, 1, th->cells, th->n_cells, which, th->sc, hv[which], j);
             }

@@ -72,6 +72,8 @@ struct ice_thread {
     float   * qk;       size_t qk_cap;       // q.k of the union's points (reused by the tail)
     int32_t * bcov;     size_t bcov_cap;     // coarse search: union cells per block (zero between rows)
     uint32_t * bkey;    size_t bkey_cap;     // coarse search: per-block scores as ordered keys, then scratch
+    float    * bmass;   size_t bmass_cap;    // top-p budget: estimated mass per head and block, then needs
+    struct ice_attn_counts cnt;              // rows answered and cells attended by this thread (since init)
     // block scores of a run of query heads of one GQA group (ice_block_scores), for rows (run_s, run_t)
     // and heads run_h0..run_h1 of KV head run_hk, valid while run_gen == fwd_gen
     float   * gq;       size_t gq_cap;       // the run's query rows
@@ -174,12 +176,14 @@ void ice_tail_init_tables(void);
 void ice_tail_block(struct ice_head * hd, const struct ice_kv * kv, int64_t b, float * krow);
 // Coarse search: among the blocks with cells visible to the row (th->vis_bcnt) and not already covered
 // by the union so far (uni: nu cells, stamped `gen`), picks the n_sel with the largest optimistic score
-// and appends their visible cells not yet stamped to out, in cell order. Returns the number appended,
-// -1 when out of memory. out must hold n_sel * block_size cells. bqk, bsp: this row's block scores
-// (ice_block_scores).
+// and appends their visible cells not yet stamped to out, in cell order. With top_p > 0, n_sel is a cap:
+// it takes the fewest blocks (at least n_min) whose estimated mass with the union's reaches top_p of the
+// row's estimated total for each of the na heads (scale: the softmax scale). Returns the number
+// appended, -1 when out of memory. out must hold n_sel * block_size cells. bqk, bsp: this row's block
+// scores (ice_block_scores).
 int64_t ice_block_select(const struct ice_head * hd, const struct ice_kv * kv, struct ice_thread * th, int32_t n_sel,
-        int64_t na, const float * q, const float * bqk, const float * bsp, const int32_t * uni, int64_t nu, uint32_t gen,
-        int32_t * out);
+        int32_t n_min, float top_p, float scale, int64_t na, const float * q, const float * bqk, const float * bsp,
+        const int32_t * uni, int64_t nu, uint32_t gen, int32_t * out);
 // The two ranking dot products of every block (q . mean key into th->bqk, q^2 . variance into th->bsp,
 // na*n_blocks floats each, query j's at j*n_blocks) for the na query rows q (na*d_k floats) of one KV
 // head: the query heads of a GQA group share one read of the ranking rows. 0, or -1 when out of memory.

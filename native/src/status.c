@@ -40,6 +40,8 @@ struct ice_attn_params ice_attn_default_params(void) {
     p.visit_budget    = 0;
     p.retrieve_budget = 0;
     p.top_blocks      = 80;    // --speed 3: the fastest level within +1% perplexity of dense at 4k and 8k (README)
+    p.min_blocks      = 0;
+    p.top_p           = 0.0f;  // off: a fixed top_blocks per row
     p.seed            = 0x1ce0f0a2d5eedULL;
     p.exact_search    = false;
     p.tail_estimate   = false;   // with the block search it bought no agreement and cost speed (README)

@@ -100,9 +100,68 @@ static int64_t group_keys(const struct ice_head * h, const int32_t * bcnt, int64
     return n_ok;
 }
 
+// Whether the blocks with key >= t (t >= 1), with the union, reach every head's need of estimated mass.
+static bool mass_met(const uint32_t * key, int64_t nb, uint32_t t, const float * w, const float * need, int64_t na) {
+    for (int64_t a = 0; a < na; a++) {
+        if (need[a] <= 0.0f) continue;
+        const float * wa = w + a * nb;
+        float s = 0.0f;
+        for (int64_t b = 0; b < nb; b++) s += key[b] >= t ? wa[b] : 0.0f;
+        if (s < need[a]) return false;
+    }
+    return true;
+}
+
+// Top-p budget: the number of blocks, taken in ranking order, whose estimated softmax mass together with
+// the union's (sinks, window, top-k) reaches top_p of the row's estimated total for every head of the
+// group. A block's mass is estimated from its summaries, to second order (keys Gaussian per dimension):
+//   sum over its n visible keys of exp(s q.k)  ~=  n exp(s q.mean + s^2 q^2.var / 2)
+// so a head whose mass sits in the window needs no block, and a diffuse head needs many. Covered blocks
+// count by the share of their visible cells the union holds. The threshold is found bit by bit from the
+// top over the ranking keys' upper 16 bits (coarser than the keys: it can only take a few blocks more).
+// Returns 0..n_ok; the caller caps it at top_blocks.
+static int64_t mass_blocks(const struct ice_head * h, struct ice_thread * th, int64_t na, float scale, float top_p,
+        const float * bqk, const float * bsp, const uint32_t * key, const int32_t * cov) {
+    const int64_t nb = h->n_blocks;
+    const int32_t * bcnt = th->vis_bcnt;
+    if (ICE_RESERVE(&th->bmass, &th->bmass_cap, na * nb + na, 0)) return -1;
+    float * w = th->bmass, * need = th->bmass + na * nb;
+    const float half_s2 = 0.5f * scale * scale;
+    bool any = false;
+    for (int64_t a = 0; a < na; a++) {
+        float * wa = w + a * nb;
+        float mx = -INFINITY;
+        for (int64_t b = 0; b < nb; b++) {
+            const int32_t n = bcnt[b];
+            wa[b] = n > 0 ? scale * bqk[a * nb + b] + half_s2 * bsp[a * nb + b] +
+                            (n < ICE_LOG_TABLE ? ice_log_table[n] : logf((float)n)) : -INFINITY;
+            if (wa[b] > mx) mx = wa[b];
+        }
+        need[a] = 0.0f;
+        if (!(mx > -INFINITY && mx < INFINITY)) continue;   // nothing visible, or a score overflowed
+        const float z = ice_exp_sum(wa, nb, mx);            // wa[b] = exp(e_b - mx)
+        float covered = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            if (cov[b] <= 0) continue;
+            const float share = cov[b] >= bcnt[b] ? 1.0f : (float)cov[b] / (float)bcnt[b];
+            covered += wa[b] * share;
+            wa[b] -= wa[b] * share;   // choosing the block adds only its cells outside the union
+        }
+        need[a] = top_p * z - covered;
+        any |= need[a] > 0.0f;
+    }
+    if (!any) return 0;
+    uint32_t t = 0;
+    for (int bit = 31; bit >= 16; bit--) {
+        const uint32_t c = t | (1u << bit);
+        if (mass_met(key, nb, c, w, need, na)) t = c;
+    }
+    return ice_count_ge_u32(key, nb, t > 0 ? t : 1u);
+}
+
 int64_t ice_block_select(const struct ice_head * h, const struct ice_kv * kv, struct ice_thread * th, int32_t n_sel,
-        int64_t na, const float * q, const float * bqk, const float * bsp, const int32_t * uni, int64_t nu, uint32_t gen,
-        int32_t * out) {
+        int32_t n_min, float top_p, float scale, int64_t na, const float * q, const float * bqk, const float * bsp,
+        const int32_t * uni, int64_t nu, uint32_t gen, int32_t * out) {
     const int64_t nb = h->n_blocks, B = h->B;
     if (ICE_RESERVE(&th->bcov, &th->bcov_cap, nb + 1, 2) || ICE_RESERVE(&th->bkey, &th->bkey_cap, 3 * (nb + 1) + na, 0)) return -1;
     const int32_t * bcnt = th->vis_bcnt;
@@ -134,6 +193,14 @@ int64_t ice_block_select(const struct ice_head * h, const struct ice_kv * kv, st
     for (int64_t i = 0; i < nu; i++) {
         const int64_t b = uni[i] / B;
         if (cov[b] == h->bcount[b] && bcnt[b] == h->bcount[b] && key[b] != 0) { key[b] = 0; n_ok--; }
+    }
+    if (top_p > 0.0f && n_ok > 0) {
+        // adaptive budget: as many blocks as the estimated mass asks for, from n_min up to n_sel
+        const int64_t want = mass_blocks(h, th, na, scale, top_p, bqk, bsp, key, cov);
+        if (want < 0) { for (int64_t i = 0; i < nu; i++) cov[uni[i] / B] = 0; return -1; }
+        const int64_t lo = want > n_min ? want : n_min;
+        n_sel = (int32_t)(lo < n_sel ? lo : n_sel);
+        if (n_sel == 0) { for (int64_t i = 0; i < nu; i++) cov[uni[i] / B] = 0; return 0; }
     }
     // the n_sel best (ties: lower block first), emitted in block order so the cells are read in order
     uint32_t thr = 1;       // every eligible block
