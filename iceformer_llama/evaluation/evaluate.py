@@ -213,34 +213,46 @@ def _open(args, ctx_size: int):
     return open_model(ns, logits_all=False)
 
 
+def document_reference(llm, doc, first: int, *, bar, floor_llm=None) -> tuple:
+    """One document's reference: (dense logits at its scored positions from `first`, dense prefill seconds,
+    its own figures). The figures: dense perplexity and, with floor_llm (dense, flash attention flipped),
+    how far llama.cpp's two exact kernels are from each other on the same positions, the floor under a
+    setting's figures."""
+    from .accuracy import RowStats, against, dense_rows
+    from .floor import floor_figures
+
+    tokens = doc.tokens
+    dense, dense_s = dense_rows(llm, tokens, first)
+    bar.update(1)
+    floor = None
+    if floor_llm is not None:
+        floor_llm.set_attention("dense")
+        stats, _ = against(floor_llm, tokens, first, dense)
+        floor = floor_figures(stats)
+        bar.update(1)
+    else:
+        stats = RowStats()
+        stats.add(dense, dense, tokens[first + 1:])
+    text = {**doc.describe(), "licence": doc.licence, "first_position": first, "ppl_dense": stats.ppl_ref,
+            "prefill_seconds_dense": dense_s, "floor": floor}
+    return dense, dense_s, text
+
+
 def run_documents(llm, documents, variants, *, score_from: float, bar, floor_llm=None) -> tuple[list[dict], list[dict]]:
-    """Each variant against dense on each document (records), and each document's own figures (texts):
-    dense perplexity and, with floor_llm (dense, flash attention flipped), how far llama.cpp's two exact
-    kernels are from each other on the same positions, the floor under the variants' figures."""
-    from .accuracy import RowStats, against, compare, dense_rows
-    from .floor import document_record, floor_figures
+    """Each variant against dense on each document (records), and each document's own figures (texts,
+    see document_reference)."""
+    from .accuracy import compare
+    from .floor import document_record
 
     records, texts = [], []
     for doc in documents:
-        tokens, n = doc.tokens, len(doc.tokens)
+        n = len(doc.tokens)
         first = min(int(score_from * n), n - 2)
-        dense, dense_s = dense_rows(llm, tokens, first)
-        bar.update(1)
-        floor = None
-        if floor_llm is not None:
-            floor_llm.set_attention("dense")
-            stats, _ = against(floor_llm, tokens, first, dense)
-            floor = floor_figures(stats)
-            bar.update(1)
-        else:
-            stats = RowStats()
-            stats.add(dense, dense, tokens[first + 1:])
-        info = doc.describe()
-        texts.append({**info, "licence": doc.licence, "first_position": first, "ppl_dense": stats.ppl_ref,
-                      "prefill_seconds_dense": dense_s, "floor": floor})
+        dense, dense_s, text = document_reference(llm, doc, first, bar=bar, floor_llm=floor_llm)
+        texts.append(text)
         for label, settings in variants:
-            stats, ice_s = compare(llm, tokens, settings, dense, first=first)
-            records.append(document_record(label, info, first, stats, dense_s, ice_s, floor))
+            stats, ice_s = compare(llm, doc.tokens, settings, dense, first=first)
+            records.append(document_record(label, doc.describe(), first, stats, dense_s, ice_s, text["floor"]))
             bar.update(1)
         del dense
     return records, texts
