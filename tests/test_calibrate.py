@@ -21,7 +21,8 @@ FLOOR = {"top1_agreement": 0.95, "mean_kl": 0.004, "ppl": 10.0, "ppl_vs_dense": 
 
 def rec(document, ppl_vs_dense, top1, floor=FLOOR):
     return {"document": document, "n_tokens": 512, "top1_agreement": top1, "mean_kl": 0.01,
-            "ppl_vs_dense": ppl_vs_dense, "floor": floor, "prefill_seconds_dense": 2.0, "prefill_seconds_iceformer": 1.0}
+            "ppl_vs_dense": ppl_vs_dense, "floor": floor, "prefill_seconds_dense": 2.0,
+            "prefill_seconds_iceformer": 1.0}
 
 
 # Three rungs on two documents (floor top-1 0.95):

@@ -78,7 +78,8 @@ def make_profile(*, sha256: str, info, model: str, lengths, texts, ladder, measu
     rungs = [rung_summary(ladder[i], records) for i, records in enumerate(measured)]
     levels = {}
     for level, (index, ok) in choose_levels(measured, len(ladder)).items():
-        figures = {k: v for k, v in rungs[index].items() if k not in ("knobs", "documents")} if index < len(rungs) else {}
+        measured_rung = rungs[index] if index < len(rungs) else {}
+        figures = {k: v for k, v in measured_rung.items() if k not in ("knobs", "documents")}
         levels[str(level)] = {"knobs": dict(ladder[index]), "rung": index, "meets": ok,
                               "promise": LEVEL_PROMISES[level], **figures}
     from ..runtime.calibration import PROFILE_FORMAT
@@ -193,6 +194,11 @@ def cmd_calibrate(args) -> int:
     with contextlib.ExitStack() as stack:
         llm = stack.enter_context(_open(args, max(lengths) + _CTX_SLACK))
         llm.profile = None   # measure the rungs as they are, whatever profile the model has now
+        min_n_kv = llm.attention_params()["min_n_kv"]
+        if max(lengths) <= min_n_kv:
+            print(f"note: rows that see fewer than {min_n_kv} keys run dense attention, so at --lengths "
+                  f"{','.join(map(str, lengths))} every setting measures alike; calibrate at the lengths you use",
+                  file=sys.stderr, flush=True)
         documents, _ = corpus_documents(llm, lengths, args)
         if not documents:
             raise UsageError(f"no document of {','.join(map(str, lengths))} tokens in --classes "

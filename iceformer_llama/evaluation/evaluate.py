@@ -306,6 +306,7 @@ def corpus_documents(llm, lengths, args) -> tuple[list, dict]:
 def cmd_eval(args) -> int:
     from tqdm import tqdm
 
+    from ..runtime.calibration import profile_for
     from ..runtime.models import check_gguf, resolve_model
     from ..runtime.settings import from_arguments
     from .documents import read_text_file
@@ -332,6 +333,7 @@ def cmd_eval(args) -> int:
     except (ValueError, TypeError) as e:
         raise UsageError(f"bad --variant/--settings: {e}") from None
     args.model = model
+    profile = profile_for(model)   # what the speed levels run (None: settings.SPEED_LEVELS)
     seed = 0 if args.seed is None else args.seed
     started = time.time()
     progress = sys.stderr.isatty()
@@ -364,6 +366,7 @@ def cmd_eval(args) -> int:
     result = {
         "command": "python -m iceformer_llama " + shlex.join(sys.argv[1:]),
         "model": model, "model_name": info.name, "context_length": info.context_length,
+        "calibration_profile": str(profile.path) if profile else None,
         "corpus": manifest,
         "threads": threads, "flash_attn": args.flash_attn, "batch_size": args.batch_size,
         "lengths": lengths, "score_from": args.score_from,
