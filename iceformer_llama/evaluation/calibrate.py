@@ -194,15 +194,15 @@ def cmd_calibrate(args) -> int:
     with contextlib.ExitStack() as stack:
         llm = stack.enter_context(_open(args, max(lengths) + _CTX_SLACK))
         llm.profile = None   # measure the rungs as they are, whatever profile the model has now
+        documents, _ = corpus_documents(llm, lengths, args)
+        if not documents:
+            raise UsageError(f"no document of {','.join(map(str, lengths))} tokens in --classes "
+                             f"{','.join(args.classes) or 'none'} (--docs {args.docs}): choose shorter --lengths")
         min_n_kv = llm.attention_params()["min_n_kv"]
         if max(lengths) <= min_n_kv:
             print(f"note: rows that see fewer than {min_n_kv} keys run dense attention, so at --lengths "
                   f"{','.join(map(str, lengths))} every setting measures alike; calibrate at the lengths you use",
                   file=sys.stderr, flush=True)
-        documents, _ = corpus_documents(llm, lengths, args)
-        if not documents:
-            raise UsageError(f"no document of {','.join(map(str, lengths))} tokens in --classes "
-                             f"{','.join(args.classes) or 'none'} (--docs {args.docs}): choose shorter --lengths")
         flipped = argparse.Namespace(**vars(args))
         flipped.flash_attn = "off" if args.flash_attn != "off" else "on"
         floor_llm = stack.enter_context(_open(flipped, max(lengths) + _CTX_SLACK))
