@@ -2,7 +2,7 @@
 # Where a model's attention error comes from, layer by layer: eval (teacher-forced top-1 agreement, KL and
 # perplexity against dense) with the per-layer budget off, once as is and once per group of layers kept
 # exact (dense_layers). A group whose exactness removes much of the KL needs a larger share of the blocks;
-# the per-layer budgets in iceformer_llama/profiles.py were chosen this way (README, "Per-layer budgets").
+# the bundled model's former hand-made per-layer budget was chosen this way (docs/results.md, "Per-layer budgets").
 #
 #   scripts/layer_sensitivity.sh --n-layers 30 --group 3 --lengths 4096,8192 --out results/layer-sensitivity.json
 #

@@ -8,6 +8,19 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_user_profiles(tmp_path_factory):
+    """Calibration profiles in an empty folder of the test run's own: a profile the user made for the
+    bundled model must not change what the tests measure (the builds and models stay in the real cache)."""
+    saved = os.environ.get("ICEFORMER_LLAMA_PROFILES")
+    os.environ["ICEFORMER_LLAMA_PROFILES"] = str(tmp_path_factory.mktemp("profiles"))
+    yield
+    if saved is None:
+        os.environ.pop("ICEFORMER_LLAMA_PROFILES", None)
+    else:
+        os.environ["ICEFORMER_LLAMA_PROFILES"] = saved
+
+
 def run_cli(*args, input=None, timeout=600, env=None):
     """Runs `python -m iceformer_llama ARGS` as a user would; returns the CompletedProcess."""
     full_env = dict(os.environ, **(env or {}))

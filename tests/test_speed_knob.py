@@ -1,8 +1,6 @@
 """The latency knob (--speed): its levels, how it combines with explicit knobs, and that it trades
 accuracy in the stated direction on the bundled model."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 
@@ -96,14 +94,3 @@ def test_layer_budget_scales_top_blocks_layer_by_layer(builds, bundled_model, tm
     assert not np.array_equal(forty[1100:], starved[1100:])
     assert np.array_equal(forty[:1023], starved[:1023])   # row i sees i + 1 keys: dense below min_n_kv
 
-
-def test_profiles_fit_their_models(bundled_model):
-    from iceformer_llama.runtime import profiles
-    from iceformer_llama.runtime.models import check_gguf
-
-    for (arch, name, n_layers, *_), budget in profiles.PROFILES.items():
-        assert len(budget) == n_layers
-        IceformerSettings(layer_budget=budget)   # within range
-    info = check_gguf(bundled_model)
-    assert profiles.layer_budget_for(info) is not None
-    assert profiles.layer_budget_for(dataclasses.replace(info, name="another model")) is None

@@ -1,4 +1,5 @@
-"""python -m iceformer_llama COMMAND: setup, build, wheelhouse, download, chat, generate, bench, eval, serve."""
+"""python -m iceformer_llama COMMAND: setup, build, wheelhouse, download, chat, generate, bench, eval, calibrate,
+serve."""
 
 from __future__ import annotations
 
@@ -85,6 +86,7 @@ def cmd_chat(args) -> int:
     from .chat import run_chat
 
     with open_model(args) as llm:
+        hint_calibrate(llm)
         return run_chat(llm, max_tokens=args.n_predict, temperature=0.7 if args.temp is None else args.temp,
                         seed=args.seed, system=args.system)
 
@@ -101,6 +103,7 @@ def cmd_generate(args) -> int:
     else:
         prompt = args.prompt
     with open_model(args) as llm:
+        hint_calibrate(llm)
         stream = None if args.json else (lambda piece: (sys.stdout.buffer.write(piece), sys.stdout.flush()))
         result = generate(llm, prompt, n_predict=args.n_predict, temperature=args.temp or 0.0, seed=args.seed,
                           on_text=stream)
@@ -119,6 +122,13 @@ def cmd_generate(args) -> int:
         else:
             print()
     return 0
+
+
+def hint_calibrate(llm) -> None:
+    """One line on stderr when IceFormer runs a model that has no calibration profile."""
+    if llm.backend == "patched" and llm.attention == "iceformer" and llm.profile is None:
+        print(f"hint: {os.path.basename(llm.model_path)} is not calibrated; `python -m iceformer_llama calibrate "
+              "--model MODEL` finds faster settings for each --speed level on it", file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,10 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
     p.set_defaults(func=cmd_generate)
 
-    from ..evaluation import bench, evaluate
+    from ..evaluation import bench, calibrate, evaluate
     from . import serve
     bench.register(sub)
     evaluate.register(sub)
+    calibrate.register(sub)
     serve.register(sub)
     return parser
 

@@ -66,9 +66,11 @@ def cmd_serve(args) -> int:
     except ImportError:
         raise UsageError("the server needs its extra packages; run: pip install 'iceformer-llama[server]'") from None
     from ..runtime.options import open_model
+    from .cli import hint_calibrate
 
     sock = _listen(args.host, args.port)
     with sock, open_model(args) as llm:
+        hint_calibrate(llm)
         app = _create_app(llm, alias=args.alias, api_key=args.api_key, interrupt_requests=args.interrupt_requests)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host

@@ -215,34 +215,46 @@ def _open(args, ctx_size: int):
     return open_model(ns, logits_all=False)
 
 
+def document_reference(llm, doc, first: int, *, bar, floor_llm=None) -> tuple:
+    """One document's reference: (dense logits at its scored positions from `first`, dense prefill seconds,
+    its own figures). The figures: dense perplexity and, with floor_llm (dense, flash attention flipped),
+    how far llama.cpp's two exact kernels are from each other on the same positions, the floor under a
+    setting's figures."""
+    from .accuracy import RowStats, against, dense_rows
+    from .floor import floor_figures
+
+    tokens = doc.tokens
+    dense, dense_s = dense_rows(llm, tokens, first)
+    bar.update(1)
+    floor = None
+    if floor_llm is not None:
+        floor_llm.set_attention("dense")
+        stats, _ = against(floor_llm, tokens, first, dense)
+        floor = floor_figures(stats)
+        bar.update(1)
+    else:
+        stats = RowStats()
+        stats.add(dense, dense, tokens[first + 1:])
+    text = {**doc.describe(), "licence": doc.licence, "first_position": first, "ppl_dense": stats.ppl_ref,
+            "prefill_seconds_dense": dense_s, "floor": floor}
+    return dense, dense_s, text
+
+
 def run_documents(llm, documents, variants, *, score_from: float, bar, floor_llm=None) -> tuple[list[dict], list[dict]]:
-    """Each variant against dense on each document (records), and each document's own figures (texts):
-    dense perplexity and, with floor_llm (dense, flash attention flipped), how far llama.cpp's two exact
-    kernels are from each other on the same positions, the floor under the variants' figures."""
-    from .accuracy import RowStats, against, compare, dense_rows
-    from .floor import document_record, floor_figures
+    """Each variant against dense on each document (records), and each document's own figures (texts,
+    see document_reference)."""
+    from .accuracy import compare
+    from .floor import document_record
 
     records, texts = [], []
     for doc in documents:
-        tokens, n = doc.tokens, len(doc.tokens)
+        n = len(doc.tokens)
         first = min(int(score_from * n), n - 2)
-        dense, dense_s = dense_rows(llm, tokens, first)
-        bar.update(1)
-        floor = None
-        if floor_llm is not None:
-            floor_llm.set_attention("dense")
-            stats, _ = against(floor_llm, tokens, first, dense)
-            floor = floor_figures(stats)
-            bar.update(1)
-        else:
-            stats = RowStats()
-            stats.add(dense, dense, tokens[first + 1:])
-        info = doc.describe()
-        texts.append({**info, "licence": doc.licence, "first_position": first, "ppl_dense": stats.ppl_ref,
-                      "prefill_seconds_dense": dense_s, "floor": floor})
+        dense, dense_s, text = document_reference(llm, doc, first, bar=bar, floor_llm=floor_llm)
+        texts.append(text)
         for label, settings in variants:
-            stats, ice_s = compare(llm, tokens, settings, dense, first=first)
-            records.append(document_record(label, info, first, stats, dense_s, ice_s, floor))
+            stats, ice_s = compare(llm, doc.tokens, settings, dense, first=first)
+            records.append(document_record(label, doc.describe(), first, stats, dense_s, ice_s, text["floor"]))
             bar.update(1)
         del dense
     return records, texts
@@ -296,6 +308,7 @@ def corpus_documents(llm, lengths, args) -> tuple[list, dict]:
 def cmd_eval(args) -> int:
     from tqdm import tqdm
 
+    from ..runtime.calibration import profile_for
     from ..runtime.models import check_gguf, resolve_model
     from ..runtime.settings import from_arguments
     from .documents import read_text_file
@@ -322,6 +335,7 @@ def cmd_eval(args) -> int:
     except (ValueError, TypeError) as e:
         raise UsageError(f"bad --variant/--settings: {e}") from None
     args.model = model
+    profile = profile_for(model)   # what the speed levels run (None: settings.SPEED_LEVELS)
     seed = 0 if args.seed is None else args.seed
     started = time.time()
     progress = sys.stderr.isatty()
@@ -354,6 +368,7 @@ def cmd_eval(args) -> int:
     result = {
         "command": "python -m iceformer_llama " + shlex.join(sys.argv[1:]),
         "model": model, "model_name": info.name, "context_length": info.context_length,
+        "calibration_profile": str(profile.path) if profile else None,
         "corpus": manifest,
         "threads": threads, "flash_attn": args.flash_attn, "batch_size": args.batch_size,
         "lengths": lengths, "score_from": args.score_from,

@@ -3,13 +3,15 @@
 The floor is llama.cpp's two exact kernels against each other (dense with flash attention flipped
 against dense) on the same document and positions. A setting is within target on a document when
 its perplexity is at most PPL_TOLERANCE above dense and its top-1 agreement at most TOP1_MARGIN below
-the floor's (issue #21's targets).
+the floor's (issue #21's targets: the default speed level's promise, settings.LEVEL_PROMISES).
 """
 
 from __future__ import annotations
 
-PPL_TOLERANCE = 0.01   # ppl(setting) <= (1 + PPL_TOLERANCE) * ppl(dense)
-TOP1_MARGIN = 0.015    # top-1(setting) >= top-1(floor) - TOP1_MARGIN
+from ..runtime.settings import DEFAULT_SPEED, LEVEL_PROMISES
+
+PPL_TOLERANCE = LEVEL_PROMISES[DEFAULT_SPEED]["ppl_tolerance"]  # ppl(setting) <= (1 + PPL_TOLERANCE) * ppl(dense)
+TOP1_MARGIN = LEVEL_PROMISES[DEFAULT_SPEED]["top1_margin"]      # top-1(setting) >= top-1(floor) - TOP1_MARGIN
 
 
 def floor_figures(stats) -> dict:
@@ -18,11 +20,13 @@ def floor_figures(stats) -> dict:
             "ppl_vs_dense": stats.ppl_other / stats.ppl_ref - 1.0}
 
 
-def within_target(top1: float, ppl_vs_dense: float, floor: dict | None) -> bool | None:
-    """Both targets met; None without a floor (the top-1 target is relative to it)."""
+def within_target(top1: float, ppl_vs_dense: float, floor: dict | None, *, ppl_tolerance: float = PPL_TOLERANCE,
+                  top1_margin: float = TOP1_MARGIN) -> bool | None:
+    """Both targets met (by default the default level's; a speed level's promise with the keywords);
+    None without a floor (the top-1 target is relative to it)."""
     if floor is None:
         return None
-    return bool(ppl_vs_dense <= PPL_TOLERANCE + 1e-12 and top1 >= floor["top1_agreement"] - TOP1_MARGIN - 1e-12)
+    return bool(ppl_vs_dense <= ppl_tolerance + 1e-12 and top1 >= floor["top1_agreement"] - top1_margin - 1e-12)
 
 
 def document_record(label: str, doc: dict, first: int, stats, dense_seconds: float, ice_seconds: float,
@@ -51,6 +55,7 @@ def aggregate(records: list[dict]) -> dict:
         "top1_agreement": _mean(r["top1_agreement"] for r in records),
         "mean_kl": _mean(r["mean_kl"] for r in records),
         "ppl_vs_dense": _mean(r["ppl_vs_dense"] for r in records),
+        "ppl_vs_dense_max": max((r["ppl_vs_dense"] for r in records), default=None),
         "keys_attended_share": _mean(r.get("keys_attended_share") for r in records),
         "floor_top1_agreement": _mean(f["top1_agreement"] for f in floors),
         "floor_mean_kl": _mean(f["mean_kl"] for f in floors),

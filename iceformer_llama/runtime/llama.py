@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from pathlib import Path
 
 from ..errors import BackendError, UsageError
-from . import backend
-from .profiles import layer_budget_for
+from . import backend, calibration
 from .settings import ATTENTION_MODES, IceformerSettings, default_attention
 
 # Methods and properties forwarded unchanged to the wrapped llama_cpp.Llama.
@@ -62,6 +60,9 @@ class Llama:
         except ValueError as e:
             raise UsageError(f"llama.cpp could not load {path}: {e}") from None
         self.backend = backend.loaded()
+        # The model's calibration profile (calibration.py), which the speed levels then come from; None:
+        # settings.SPEED_LEVELS. Set it to None to run the uncalibrated levels (calibrate does).
+        self.profile = calibration.profile_for(path) if self.backend == "patched" else None
         self.attention = "dense"
         self.iceformer_settings = IceformerSettings()
         if self.backend == "patched" or attention != "dense":
@@ -70,16 +71,13 @@ class Llama:
     def set_attention(self, attention: str, iceformer: IceformerSettings | None = None) -> None:
         """Switches attention between decode calls, without reloading the model.
 
-        Unless the settings name a layer_budget, the model's measured per-layer budget applies
-        (profiles.py); `layer_budget=()` turns it off."""
+        When the model has a calibration profile (`self.profile`), the speed level (the default one when
+        none is set) takes its knobs from it instead of settings.SPEED_LEVELS; knobs set explicitly win."""
         settings = iceformer or IceformerSettings()
         if attention == "iceformer" and self.backend != "patched":
             raise BackendError("iceformer attention needs the patched backend")
         if self.backend == "patched":
-            effective = settings
-            profile = layer_budget_for(self.model_info)
-            if settings.layer_budget is None and profile is not None:
-                effective = dataclasses.replace(settings, layer_budget=profile)
+            effective = settings if self.profile is None else self.profile.settings_for(settings)
             backend.iceformer_api().set(self._llm.ctx, attention, effective)
         self.attention, self.iceformer_settings = attention, settings
 

@@ -16,13 +16,14 @@ MAX_LAYERS = 256          # LLAMA_ICEFORMER_MAX_LAYERS (patch 0001)
 MAX_LAYER_BUDGET = 1000   # LLAMA_ICEFORMER_MAX_LAYER_BUDGET
 
 # The latency knob: one number from most exact (1) to fastest (8), chosen at any time without reloading
-# the model (Latency Adjustable Transformer style). Each level sets the kernel's budgets: the blocks of
-# block_size (16) keys attended exactly per GQA group (top_blocks, chosen together by the group's query
-# heads) and the recent window; sinks (4), dense layers (none) and the tail estimate (off) stay at the
-# library defaults, and a model's per-layer budget (profiles.py) shares top_blocks out among its layers. Levels were chosen from measurements on the bundled model (README, "Latency knob"); a
-# knob set explicitly beside --speed wins over the level's value. The library default is level
-# DEFAULT_SPEED: the fastest level measured within +1% perplexity of dense (and >= 98% top-1 agreement)
-# at 4k and 8k tokens.
+# the model (Latency Adjustable Transformer style). Each level promises an accuracy (LEVEL_PROMISES) and
+# sets the kernel's budgets: the blocks of block_size (16) keys attended exactly per GQA group
+# (top_blocks, chosen together by the group's query heads) and the recent window; sinks (4), dense
+# layers (none), per-layer budgets (100% everywhere) and the tail estimate (off) stay at the library
+# defaults. A model calibrated with `calibrate` takes each level's knobs from its profile (calibration.py):
+# the cheapest settings measured to keep the level's promise on that model. Without a profile the levels
+# below apply, chosen from measurements on the bundled model (README, "Latency knob"). A knob set
+# explicitly beside --speed wins over the level's value. The library default is level DEFAULT_SPEED.
 SPEED_LEVELS: dict[int, dict] = {
     1: {"block_size": 16, "top_blocks": 160, "window": 128},
     2: {"block_size": 16, "top_blocks": 120, "window": 128},
@@ -34,6 +35,30 @@ SPEED_LEVELS: dict[int, dict] = {
     8: {"block_size": 16, "top_blocks": 10, "window": 32},
 }
 DEFAULT_SPEED = 3
+
+# What each level promises, relative to dense attention and to llama.cpp's own floor (dense with flash
+# attention flipped, on the same positions; evaluation/floor.py), teacher-forced on every document
+# `calibrate` measures: perplexity at most ppl_tolerance above dense, and top-1 agreement with dense at
+# most top1_margin below the floor's. Level 3 (the default) is issue #21's target; the steps roughly
+# double the tolerance every two levels, and top-1 margins grow more slowly because a point of top-1 is
+# felt more in greedy output than a fraction of a percent of perplexity.
+LEVEL_PROMISES: dict[int, dict[str, float]] = {
+    1: {"ppl_tolerance": 0.0025, "top1_margin": 0.005},
+    2: {"ppl_tolerance": 0.005, "top1_margin": 0.010},
+    3: {"ppl_tolerance": 0.01, "top1_margin": 0.015},
+    4: {"ppl_tolerance": 0.02, "top1_margin": 0.03},
+    5: {"ppl_tolerance": 0.03, "top1_margin": 0.045},
+    6: {"ppl_tolerance": 0.05, "top1_margin": 0.06},
+    7: {"ppl_tolerance": 0.08, "top1_margin": 0.08},
+    8: {"ppl_tolerance": 0.12, "top1_margin": 0.10},
+}
+
+
+def describe_promise(level: int) -> str:
+    """'perplexity within +1% of dense, top-1 at most 1.5 points below the floor'."""
+    p = LEVEL_PROMISES[level]
+    return (f"perplexity within +{p['ppl_tolerance'] * 100:g}% of dense, top-1 at most "
+            f"{p['top1_margin'] * 100:g} points below the floor")
 
 
 def default_attention(backend: str) -> str:
@@ -69,8 +94,8 @@ class IceformerSettings:
     seed: int | None = _knob("--dci-seed", "seed of the DCI random projections")
     dense_layers: tuple[int, ...] | None = _knob("--dense-layers", "comma-separated layers kept dense", kind="layers")
     layer_budget: tuple[int, ...] | None = _knob(
-        "--layer-budget", "comma-separated percent of top_blocks per layer from layer 0, later layers 100 (unset: the "
-        "model's measured profile if it has one, see profiles.py; none: 100 everywhere)", kind="budgets")
+        "--layer-budget", "comma-separated percent of top_blocks per layer from layer 0, later layers 100 "
+        "(none: 100 everywhere)", kind="budgets")
     exact_search: bool | None = _knob("--exact-search", "brute-force top-k instead of DCI (reference)", kind=bool)
     tail_estimate: bool | None = _knob("--tail-estimate", "estimate unretrieved keys from block summaries",
                                        kind=bool)
@@ -112,10 +137,11 @@ class IceformerSettings:
         """The fields that were set (not None)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
-    def kernel_overrides(self) -> dict:
-        """The kernel knobs these settings change: the speed level's, then the explicitly set ones."""
+    def kernel_overrides(self, levels: dict[int, dict] | None = None) -> dict:
+        """The kernel knobs these settings change: the speed level's (from `levels`, default SPEED_LEVELS;
+        a calibrated profile's, see calibration.py), then the explicitly set ones."""
         over = self.overrides()
-        knobs = dict(SPEED_LEVELS[over.pop("speed")]) if "speed" in over else {}
+        knobs = dict((SPEED_LEVELS if levels is None else levels)[over.pop("speed")]) if "speed" in over else {}
         knobs.update(over)
         return knobs
 

@@ -1,0 +1,249 @@
+"""`python -m iceformer_llama calibrate`: per-model speed levels that keep their accuracy promises.
+
+For one model, teacher-forced on documents of `--lengths` tokens (eval's corpus: `--docs tune` by
+default, so `eval --docs report` reports on text calibration never saw; or the user's `--text-file`s),
+it measures each rung of LADDER, from the cheapest to the most exact, against dense attention and beside
+llama.cpp's own floor (dense with flash attention flipped) on the same positions, the last `--positions`
+of each document. It stops once a rung meets the tightest promise (level 1) on every document. Each
+speed level then gets the cheapest rung that meets its promise (settings.LEVEL_PROMISES: perplexity vs
+dense, top-1 vs the floor) on EVERY document; a level no rung meets gets the most exact rung, marked
+`meets: false`. The result is the model's profile (runtime/calibration.py), keyed by the file's content
+and used from then on by generate, chat, serve, bench, eval and the Llama class.
+
+The dense reference rows of every document are kept while the rungs run: documents x positions x
+vocabulary x 4 bytes (5 tune documents at two lengths, 512 positions and a 152k vocabulary: 3 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import shlex
+import sys
+import time
+
+from ..errors import UsageError
+from ..runtime.settings import LEVEL_PROMISES, SPEED_LEVELS, IceformerSettings, describe_promise
+from .floor import aggregate, within_target
+from .sources import CLASSES, SPLITS
+
+DEFAULT_LENGTHS = (4096, 8192)
+DEFAULT_POSITIONS = 512
+
+
+def _rung(top_blocks: int, window: int) -> dict:
+    return {"block_size": 16, "top_blocks": top_blocks, "window": window, "layer_budget": ()}
+
+
+# Candidate settings from the cheapest to the most exact: IceformerSettings field values, every rung
+# naming the same knobs (a knob a rung leaves out keeps the library default, never a profile's value).
+# New knobs join as new dicts (e.g. {"top_p": ...} rungs), placed by cost.
+LADDER: list[dict] = [_rung(b, 64) for b in (10, 20, 30, 40, 60, 80)] + [_rung(b, 128) for b in (120, 160, 240, 320)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Choosing levels (pure)
+
+
+def meets(records: list[dict], level: int) -> bool:
+    """One rung's per-document records (floor.document_record) all keep the level's promise."""
+    return bool(records) and all(within_target(r["top1_agreement"], r["ppl_vs_dense"], r["floor"],
+                                               **LEVEL_PROMISES[level]) for r in records)
+
+
+def choose_levels(measured: list[list[dict]], n_rungs: int) -> dict[int, tuple[int, bool]]:
+    """level -> (rung index, meets): the first (cheapest) measured rung whose records all keep the
+    level's promise; else the most exact rung of the ladder (n_rungs - 1), not meeting it."""
+    chosen = {}
+    for level in SPEED_LEVELS:
+        hit = next((i for i, records in enumerate(measured) if meets(records, level)), None)
+        chosen[level] = (hit, True) if hit is not None else (n_rungs - 1, False)
+    return chosen
+
+
+def rung_summary(knobs: dict, records: list[dict]) -> dict:
+    """A rung's figures over the documents (floor.aggregate), its prefill speed-up, and the documents'."""
+    dense_s = sum(r["prefill_seconds_dense"] for r in records)
+    ice_s = sum(r["prefill_seconds_iceformer"] for r in records)
+    return {"knobs": knobs, **aggregate(records), "prefill_speedup": dense_s / ice_s if ice_s else None,
+            "documents": [{k: r[k] for k in ("document", "n_tokens", "top1_agreement", "mean_kl", "ppl_vs_dense")}
+                          for r in records]}
+
+
+def make_profile(*, sha256: str, info, model: str, lengths, texts, ladder, measured, command: str,
+                 threads: int) -> dict:
+    """The profile document (runtime/calibration.py reads it) from the measured rungs."""
+    rungs = [rung_summary(ladder[i], records) for i, records in enumerate(measured)]
+    levels = {}
+    for level, (index, ok) in choose_levels(measured, len(ladder)).items():
+        measured_rung = rungs[index] if index < len(rungs) else {}
+        figures = {k: v for k, v in measured_rung.items() if k not in ("knobs", "documents")}
+        levels[str(level)] = {"knobs": dict(ladder[index]), "rung": index, "meets": ok,
+                              "promise": LEVEL_PROMISES[level], **figures}
+    from ..runtime.calibration import PROFILE_FORMAT
+
+    return {"format": PROFILE_FORMAT, "model_sha256": sha256, "model_name": info.name,
+            "architecture": info.architecture, "model_file": model, "lengths": list(lengths),
+            "documents": [{k: t[k] for k in ("document", "class", "split", "n_tokens", "first_position",
+                                             "ppl_dense", "floor")} for t in texts],
+            "levels": levels, "rungs": rungs, "command": command, "threads": threads,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def format_levels(profile: dict) -> str:
+    """The chosen knobs and figures per level, one line each."""
+    def pct(x, digits=2):
+        return "-" if x is None else f"{x * 100:+.{digits}f}%"
+
+    def pts(x):
+        return "-" if x is None else f"{x * 100:+.1f}"
+
+    head = ("level", "top_blocks", "window", "worst ppl vs dense", "worst top-1 - floor (pts)", "prefill x", "meets",
+            "promise")
+    lines = [head]
+    for level, entry in sorted(profile["levels"].items(), key=lambda kv: int(kv[0])):
+        knobs = entry["knobs"]
+        speed = entry.get("prefill_speedup")
+        lines.append((level, str(knobs.get("top_blocks", "-")), str(knobs.get("window", "-")),
+                      pct(entry.get("ppl_vs_dense_max")), pts(entry.get("top1_minus_floor_min")),
+                      "-" if speed is None else f"{speed:.2f}", "yes" if entry["meets"] else "NO",
+                      describe_promise(int(level))))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head) - 1)]
+    out = ["  ".join(c.rjust(w) for c, w in zip(line[:-1], widths)) + "  " + line[-1] for line in lines]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Running
+
+
+def _check_lengths(args, info) -> list[int]:
+    cap = info.context_length
+    if args.lengths is None:
+        lengths = [n for n in DEFAULT_LENGTHS if cap is None or n <= cap] or [cap]
+    else:
+        lengths = args.lengths
+        above = [n for n in lengths if cap is not None and n > cap]
+        if above:
+            raise UsageError(f"--lengths {','.join(map(str, above))} above the model's trained context of {cap} "
+                             "tokens: choose shorter lengths")
+    return lengths
+
+
+def _estimate(seconds_first: float, tokens_first: int, documents, n_rungs: int) -> str:
+    """A rough upper bound of the run time, from the first document's reference (dense and floor)."""
+    per_pass = seconds_first / 2 * sum(len(d.tokens) for d in documents) / max(1, tokens_first)
+    total = per_pass * (2 + n_rungs)
+    return (f"calibrate: {len(documents)} documents, up to {n_rungs} settings: estimated up to about "
+            f"{max(1, round(total / 60))} min (stops sooner once level 1 is met)")
+
+
+def calibrate(llm, floor_llm, documents, *, positions: int, ladder=LADDER, progress: bool = False, log=None):
+    """(texts, measured): each document's reference figures, and per measured rung its per-document records
+    (floor.document_record), rungs from the cheapest until one keeps level 1's promise on every document."""
+    from tqdm import tqdm
+
+    from .accuracy import compare
+    from .evaluate import document_reference
+    from .floor import document_record
+
+    say = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    refs, texts, measured = [], [], []
+    with tqdm(total=len(documents) * (2 + len(ladder)), desc="calibrate", unit="run", file=sys.stderr,
+              disable=not progress) as bar:
+        for i, doc in enumerate(documents):
+            t0 = time.perf_counter()
+            first = max(0, len(doc.tokens) - 1 - positions)
+            dense, dense_s, text = document_reference(llm, doc, first, bar=bar, floor_llm=floor_llm)
+            refs.append((doc, first, dense, dense_s))
+            texts.append(text)
+            if i == 0:
+                say(_estimate(time.perf_counter() - t0, len(doc.tokens), documents, len(ladder)))
+        for knobs in ladder:
+            settings = IceformerSettings(**knobs)
+            records = []
+            for (doc, first, dense, dense_s), text in zip(refs, texts):
+                stats, ice_s = compare(llm, doc.tokens, settings, dense, first=first)
+                records.append(document_record("", doc.describe(), first, stats, dense_s, ice_s, text["floor"]))
+                bar.update(1)
+            measured.append(records)
+            if meets(records, min(SPEED_LEVELS)):
+                bar.total = bar.n
+                bar.refresh()
+                break
+    return texts, measured
+
+
+def cmd_calibrate(args) -> int:
+    from ..runtime.calibration import model_sha256, save_profile
+    from ..runtime.models import check_gguf, resolve_model
+    from .documents import read_text_file
+    from .evaluate import _CTX_SLACK, _open, corpus_documents
+
+    model = str(resolve_model(args.model))
+    info = check_gguf(model)
+    lengths = _check_lengths(args, info)
+    if args.classes is None:
+        args.classes = [] if args.text_file else list(CLASSES)
+    for path in args.text_file or []:
+        read_text_file(path)
+    args.model = model
+    started = time.time()
+    with contextlib.ExitStack() as stack:
+        llm = stack.enter_context(_open(args, max(lengths) + _CTX_SLACK))
+        llm.profile = None   # measure the rungs as they are, whatever profile the model has now
+        documents, _ = corpus_documents(llm, lengths, args)
+        if not documents:
+            raise UsageError(f"no document of {','.join(map(str, lengths))} tokens in --classes "
+                             f"{','.join(args.classes) or 'none'} (--docs {args.docs}): choose shorter --lengths")
+        min_n_kv = llm.attention_params()["min_n_kv"]
+        if max(lengths) <= min_n_kv:
+            print(f"note: rows that see fewer than {min_n_kv} keys run dense attention, so at --lengths "
+                  f"{','.join(map(str, lengths))} every setting measures alike; calibrate at the lengths you use",
+                  file=sys.stderr, flush=True)
+        flipped = argparse.Namespace(**vars(args))
+        flipped.flash_attn = "off" if args.flash_attn != "off" else "on"
+        floor_llm = stack.enter_context(_open(flipped, max(lengths) + _CTX_SLACK))
+        texts, measured = calibrate(llm, floor_llm, documents, positions=args.positions,
+                                    progress=sys.stderr.isatty())
+    threads = args.threads or os.cpu_count() or 1
+    profile = make_profile(sha256=model_sha256(model), info=info, model=model, lengths=lengths, texts=texts,
+                           ladder=LADDER, measured=measured, threads=threads,
+                           command="python -m iceformer_llama " + shlex.join(sys.argv[1:]))
+    profile["wall_seconds"] = round(time.time() - started, 1)
+    path = save_profile(profile)
+    print(format_levels(profile))
+    print(f"wrote {path}: generate, chat, serve, bench, eval and Llama use it for this model file", file=sys.stderr)
+    return 0
+
+
+def register(subparsers) -> None:
+    """Adds the `calibrate` subcommand."""
+    from ..runtime.options import positive
+    from .bench import parse_lengths
+    from .evaluate import _classes
+
+    p = subparsers.add_parser("calibrate", help="measure a model and store the fastest settings that keep each "
+                                                "speed level's accuracy promise", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", "-m", default=None, help="GGUF path, alias or REPO_ID:FILENAME (default: bundled model)")
+    p.add_argument("--lengths", type=parse_lengths, default=None,
+                   help=f"document lengths in tokens (default {','.join(map(str, DEFAULT_LENGTHS))}, those within "
+                        "the model's trained context)")
+    p.add_argument("--positions", type=positive, default=DEFAULT_POSITIONS,
+                   help=f"score the last N positions of each document (default {DEFAULT_POSITIONS})")
+    p.add_argument("--classes", type=_classes, default=None, metavar="CLASS,...",
+                   help=f"document classes: {','.join(CLASSES)} or all (default all; none with --text-file)")
+    p.add_argument("--docs", choices=SPLITS + ("all",), default="tune",
+                   help="which documents of each class: tune (default; eval reports on the report set), report or all")
+    p.add_argument("--docs-per-class", type=positive, default=None, metavar="N",
+                   help="only the first N documents of each class (default all)")
+    p.add_argument("--text-file", action="append", default=None, metavar="FILE",
+                   help="also calibrate on this UTF-8 file's first --lengths tokens (repeatable)")
+    p.add_argument("--threads", "-t", type=positive, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--batch-size", "-b", type=positive, default=512, help="prompt tokens per ubatch (default 512)")
+    p.add_argument("--flash-attn", choices=("on", "off", "auto"), default="auto",
+                   help="flash attention in dense attention (default auto); the floor flips it")
+    p.set_defaults(func=cmd_calibrate, attention=None,
+                   **{f"ice_{f.name}": None for f in dataclasses.fields(IceformerSettings)})
