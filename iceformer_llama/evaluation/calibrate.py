@@ -100,14 +100,15 @@ def format_levels(profile: dict) -> str:
     def pts(x):
         return "-" if x is None else f"{x * 100:+.1f}"
 
-    head = ("level", "top_blocks", "window", "worst ppl vs dense", "worst top-1 - floor (pts)", "prefill x", "meets",
-            "promise")
+    head = ("level", "top_blocks", "window", "worst ppl vs dense", "worst top-1 - floor (pts)", "keys attended",
+            "prefill x", "meets", "promise")
     lines = [head]
     for level, entry in sorted(profile["levels"].items(), key=lambda kv: int(kv[0])):
         knobs = entry["knobs"]
         speed = entry.get("prefill_speedup")
         lines.append((level, str(knobs.get("top_blocks", "-")), str(knobs.get("window", "-")),
                       pct(entry.get("ppl_vs_dense_max")), pts(entry.get("top1_minus_floor_min")),
+                      "-" if entry.get("keys_attended_share") is None else f"{entry['keys_attended_share']:.0%}",
                       "-" if speed is None else f"{speed:.2f}", "yes" if entry["meets"] else "NO",
                       describe_promise(int(level))))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head) - 1)]
