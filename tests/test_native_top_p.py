@@ -119,3 +119,21 @@ def test_counts_measure_what_was_attended():
     native.attention(q, k, v, mask, scale, state=fixed)
     # twelve blocks, some of which overlap the sinks or the window
     assert n * (SINKS + WINDOW + 10 * B) < fixed.counts()["n_attended"] <= n * (SINKS + WINDOW + 12 * B)
+
+
+def test_settings_and_flags_check_top_p():
+    """The Python settings and the CLI flag refuse what the kernel would: a share outside 0..1."""
+    import argparse
+
+    from iceformer_llama.runtime.settings import IceformerSettings, add_arguments, from_arguments
+
+    assert IceformerSettings(top_p=0.9, min_blocks=4).kernel_overrides() == {"top_p": 0.9, "min_blocks": 4}
+    for bad in (1.5, -0.1, "0.9", True):
+        with pytest.raises(ValueError, match="top_p must be a number from 0 to 1"):
+            IceformerSettings(top_p=bad)
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_arguments(parser)
+    assert from_arguments(parser.parse_args(["--top-p", "0.95", "--min-blocks", "8"])).top_p == 0.95
+    for bad in ("1.5", "abc"):
+        with pytest.raises(argparse.ArgumentError):
+            parser.parse_args(["--top-p", bad])

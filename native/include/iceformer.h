@@ -164,16 +164,18 @@ struct ice_attn_params {
                               // best block), so each chosen block is read once for the group
 };
 
-// Defaults, chosen from measurements on SmolLM2-135M (README, "Results"): the coarse block search
-// (top_blocks 80 of block_size 16 per GQA group, group_blocks: the fastest setting measured within +1%
-// perplexity of dense and at >= 98% teacher-forced top-1 agreement at 4k and 8k tokens; blocks of 16 beat
-// blocks of 32 at the same number of keys attended; 80 shared blocks matched or beat 64 per head at 1k-8k
-// while each group reads a sixth fewer keys) with n_sinks 4 and window 64, and top_k 0: Prioritized DCI
-// k-NN search (top_k > 0) is kept, but on 2 cores it made a 4k-token prefill 3.6x slower than dense
-// while the block search made it faster. DCI settings when it is used: L = 4, m = 1 (m = 1 beat m = 2
-// at equal visits on synthetic keys), automatic budgets (each simple index walks max(16 top_k, n/8)
-// keys; candidates uncapped). tail_estimate false: with the block search it changed agreement by under
-// 0.3 points at 2k-8k tokens and cost 10-20% of speed (README, Results).
+// Defaults (README, "Results"; docs/results.md): the coarse block search, top_blocks 240 of block_size 16
+// per GQA group with window 128: on natural text (prose and code) at 4k and 8k tokens, within +1%
+// perplexity of dense and 1.5 points of top-1 of llama.cpp's own floor on SmolLM2-135M and
+// Qwen2.5-Coder-0.5B (160 blocks missed on one document at 8k; 80, the earlier default chosen on
+// copy-heavy docstrings, missed on most). group_blocks: the heads of a GQA group share their blocks (80
+// shared blocks matched or beat 64 per head at 1k-8k while each group reads a sixth fewer keys); blocks of
+// 16 beat blocks of 32 at the same number of keys attended. top_p 0 (a fixed count): the top-p budget lost
+// to it at equal keys attended. top_k 0: Prioritized DCI k-NN search (top_k > 0) is kept, but on 2 cores
+// it made a 4k-token prefill 3.6x slower than dense while the block search made it faster. DCI settings
+// when it is used: L = 4, m = 1 (m = 1 beat m = 2 at equal visits on synthetic keys), automatic budgets
+// (each simple index walks max(16 top_k, n/8) keys; candidates uncapped). tail_estimate false: with the
+// block search it bought no agreement and cost 10-20% of speed.
 // Rows whose visible keys fit in n_sinks + window, or number fewer than min_n_kv, run dense.
 struct ice_attn_params ice_attn_default_params(void);
 
