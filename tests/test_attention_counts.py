@@ -15,8 +15,8 @@ from iceformer_llama.evaluation import corpus
 llm = il.Llama(sys.argv[1], n_ctx=1600, n_batch=512, n_ubatch=512, n_threads=2)
 tokens = corpus.document_tokens(llm, 1536)
 out = {}
-for name, settings in (("dense", None), ("fixed", il.IceformerSettings(top_blocks=8, window=64)),
-                       ("top_p", il.IceformerSettings(top_blocks=8, top_p=1e-6, min_blocks=2, window=64))):
+for name, settings in (("dense", None), ("fixed", il.IceformerSettings(top_blocks=8, window=64, min_n_kv=0)),
+                       ("top_p", il.IceformerSettings(top_blocks=8, top_p=1e-6, min_blocks=2, window=64, min_n_kv=0))):
     llm.reset()
     llm.set_attention("dense" if settings is None else "iceformer", settings)
     before = llm.attention_counts()
@@ -35,9 +35,10 @@ print(json.dumps(out))
 
 
 def test_counts_follow_the_settings(builds, bundled_model):
-    """1536 tokens: rows past min_n_kv (1024 visible keys) are answered by the kernel. Dense attention
-    counts nothing; 8 blocks of 16 with a window of 64 read at most 4 + 64 + 128 keys a row; the top-p
-    budget at its minimum (2 blocks) reads fewer; per-layer counts sum to the total."""
+    """1536 tokens, min_n_kv 0: every row is answered by the kernel. Dense attention counts nothing; 8
+    blocks of 16 with a window of 64 read at most 4 + 64 + 128 keys a row (rows that see fewer run dense
+    over what they see); the top-p budget at its minimum (2 blocks) reads fewer; every layer answers the
+    same rows."""
     proc = subprocess.run([sys.executable, "-c", _CODE, str(bundled_model)], capture_output=True, text=True,
                           cwd=ROOT, env=dict(os.environ), timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -46,7 +47,8 @@ def test_counts_follow_the_settings(builds, bundled_model):
     fixed, top_p = out["fixed"], out["top_p"]
     assert fixed["n_rows"] > 0 and fixed["n_rows"] == top_p["n_rows"] and fixed["n_visible"] == top_p["n_visible"]
     assert fixed["n_attended"] <= fixed["n_rows"] * (4 + 64 + 8 * 16)
-    assert fixed["n_visible"] >= fixed["n_rows"] * 1024
+    assert fixed["n_rows"] == 1536 * 9 * out["n_layer"]          # tokens x query heads x layers
+    assert fixed["n_visible"] == 1536 * 1537 // 2 * 9 * out["n_layer"]   # causal: row t sees t + 1 keys
     assert top_p["n_attended"] < fixed["n_attended"]
     assert 0 < out["layer0"]["n_rows"] * out["n_layer"] == out["all"]["n_rows"]   # every layer answers the same rows
     assert "no layer 999" in out["bad_layer"]

@@ -103,7 +103,6 @@ def cmd_generate(args) -> int:
     else:
         prompt = args.prompt
     with open_model(args) as llm:
-        hint_calibrate(llm)
         stream = None if args.json else (lambda piece: (sys.stdout.buffer.write(piece), sys.stdout.flush()))
         result = generate(llm, prompt, n_predict=args.n_predict, temperature=args.temp or 0.0, seed=args.seed,
                           on_text=stream)
@@ -121,6 +120,7 @@ def cmd_generate(args) -> int:
             }))
         else:
             print()
+        hint_calibrate(llm)   # after the output: a bad prompt stays a one-line error
     return 0
 
 
