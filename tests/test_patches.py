@@ -64,10 +64,10 @@ def test_ctypes_params_mirror_the_patched_header():
 
     text = (PATCH_DIR / "0001-iceformer-attention-api-and-hook.patch").read_text()
     body = re.search(r"^\+\s*struct llama_iceformer_params \{\n(.*?)^\+\s*\};", text, flags=re.M | re.S).group(1)
-    header = re.findall(r"^\+\s*(enum llama_attn_mode|int32_t|uint64_t|uint16_t|bool)\s+(\w+)(\[\w+\])?;",
+    header = re.findall(r"^\+\s*(enum llama_attn_mode|int32_t|uint64_t|uint16_t|float|bool)\s+(\w+)(\[\w+\])?;",
                         body, flags=re.M)
     c_types = {"enum llama_attn_mode": ctypes.c_int, "int32_t": ctypes.c_int32, "uint64_t": ctypes.c_uint64,
-               "uint16_t": ctypes.c_uint16, "bool": ctypes.c_bool}
+               "uint16_t": ctypes.c_uint16, "float": ctypes.c_float, "bool": ctypes.c_bool}
     lengths = {"[4]": 4, "[LLAMA_ICEFORMER_MAX_LAYERS]": MAX_LAYERS}
     expected = [(name, c_types[t] * lengths[n] if n else c_types[t]) for t, name, n in header]
     declared = llama_iceformer_params._fields_
