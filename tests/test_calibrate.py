@@ -177,6 +177,7 @@ def test_calibrate_writes_a_profile_for_the_models_content(calibrated, bundled_m
         assert entry["knobs"] in [json.loads(json.dumps(r)) for r in C.LADDER]
         assert isinstance(entry["meets"], bool)
     assert 1 <= len(profile["rungs"]) <= len(C.LADDER)
+    assert profile["layers"] is None and "no layer shaping" in stderr   # 512 tokens: every row runs dense
     assert "estimated up to about" in stderr and "wrote" in stderr and "run dense attention" in stderr
     assert "worst ppl vs dense" in stdout and len(stdout.strip().splitlines()) == 1 + len(SPEED_LEVELS)
 

@@ -4,7 +4,10 @@ For one model, teacher-forced on documents of `--lengths` tokens (eval's corpus:
 default, so `eval --docs report` reports on text calibration never saw; or the user's `--text-file`s),
 it measures each rung of LADDER, from the cheapest to the most exact, against dense attention and beside
 llama.cpp's own floor (dense with flash attention flipped) on the same positions, the last `--positions`
-of each document. It stops once a rung meets the tightest promise (level 1) on every document. Each
+of each document. It stops once a rung meets the tightest promise (level 1) on every document. With
+--layer-shape on (the default) it first measures each layer's sensitivity (layer_shape.py: one pass per
+layer on one document per class) and every rung then gives each layer a share of its block budget
+(layer_budget) that grows with the layer's sensitivity, the mean share 100%. Each
 speed level then gets the cheapest rung that meets its promise (settings.LEVEL_PROMISES: perplexity vs
 dense, top-1 vs the floor) on EVERY document; a level no rung meets gets the most exact rung, marked
 `meets: false`. The result is the model's profile (runtime/calibration.py), keyed by the file's content
@@ -42,6 +45,10 @@ def _rung(top_blocks: int, window: int) -> dict:
 # New knobs join as new dicts (e.g. {"top_p": ...} rungs), placed by cost.
 LADDER: list[dict] = [_rung(b, 64) for b in (10, 20, 30, 40, 60, 80)] + [_rung(b, 128) for b in (120, 160, 240, 320)]
 
+# The cheap setting each layer runs alone (the others dense) to measure where the error comes from
+# (layer_shape.py): cheap enough that every layer's error shows above the noise at 4k-8k tokens.
+SHAPE_KNOBS: dict = _rung(40, 64)
+
 
 # ------------------------------------------------------------------------------------------------
 # Choosing levels (pure)
@@ -73,8 +80,9 @@ def rung_summary(knobs: dict, records: list[dict]) -> dict:
 
 
 def make_profile(*, sha256: str, info, model: str, lengths, texts, ladder, measured, command: str,
-                 threads: int) -> dict:
-    """The profile document (runtime/calibration.py reads it) from the measured rungs."""
+                 threads: int, layers: dict | None = None) -> dict:
+    """The profile document (runtime/calibration.py reads it) from the measured rungs (and the layer stage's
+    figures, Calibration.layers)."""
     rungs = [rung_summary(ladder[i], records) for i, records in enumerate(measured)]
     levels = {}
     for level, (index, ok) in choose_levels(measured, len(ladder)).items():
@@ -88,7 +96,7 @@ def make_profile(*, sha256: str, info, model: str, lengths, texts, ladder, measu
             "architecture": info.architecture, "model_file": model, "lengths": list(lengths),
             "documents": [{k: t[k] for k in ("document", "class", "split", "n_tokens", "first_position",
                                              "ppl_dense", "floor")} for t in texts],
-            "levels": levels, "rungs": rungs, "command": command, "threads": threads,
+            "levels": levels, "rungs": rungs, "layers": layers, "command": command, "threads": threads,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -133,27 +141,56 @@ def _check_lengths(args, info) -> list[int]:
     return lengths
 
 
-def _estimate(seconds_first: float, tokens_first: int, documents, n_rungs: int) -> str:
+def _estimate(seconds_first: float, tokens_first: int, documents, n_rungs: int, shaping_passes: int = 0,
+              shaping_tokens: int = 0) -> str:
     """A rough upper bound of the run time, from the first document's reference (dense and floor)."""
-    per_pass = seconds_first / 2 * sum(len(d.tokens) for d in documents) / max(1, tokens_first)
-    total = per_pass * (2 + n_rungs)
-    return (f"calibrate: {len(documents)} documents, up to {n_rungs} settings: estimated up to about "
+    per_token = seconds_first / 2 / max(1, tokens_first)
+    total = per_token * (sum(len(d.tokens) for d in documents) * (2 + n_rungs) + shaping_passes * shaping_tokens)
+    layers = f", {shaping_passes} layer-sensitivity passes" if shaping_passes else ""
+    return (f"calibrate: {len(documents)} documents, up to {n_rungs} settings{layers}: estimated up to about "
             f"{max(1, round(total / 60))} min (stops sooner once level 1 is met)")
 
 
-def calibrate(llm, floor_llm, documents, *, positions: int, ladder=LADDER, progress: bool = False, log=None):
-    """(texts, measured): each document's reference figures, and per measured rung its per-document records
-    (floor.document_record), rungs from the cheapest until one keeps level 1's promise on every document."""
+def shaping_documents(documents) -> list[int]:
+    """Indices of the documents the layer sensitivity is measured on: the first of each class (user files
+    form one class) at the shortest length, which keeps the stage to a few passes per layer."""
+    shortest = min(len(d.tokens) for d in documents)
+    chosen, seen = [], set()
+    for i, doc in enumerate(documents):
+        klass = doc.describe().get("class")
+        if len(doc.tokens) == shortest and klass not in seen:
+            seen.add(klass)
+            chosen.append(i)
+    return chosen
+
+
+@dataclasses.dataclass
+class Calibration:
+    """What calibrate() measured: each document's reference figures (texts), the rungs it ran (ladder, shaped
+    when layer shaping ran), their per-document records (measured), and the layer stage's figures (None: off)."""
+    texts: list
+    ladder: list
+    measured: list
+    layers: dict | None = None
+
+
+def calibrate(llm, floor_llm, documents, *, positions: int, ladder=LADDER, shape_knobs: dict | None = SHAPE_KNOBS,
+              n_layer: int = 0, progress: bool = False, log=None) -> Calibration:
+    """Each document's reference, then (with shape_knobs) the layers' sensitivity and the ladder reshaped by it
+    (layer_shape.py), then per rung its per-document records (floor.document_record), rungs from the cheapest
+    until one keeps level 1's promise on every document."""
     from tqdm import tqdm
 
     from .accuracy import compare
     from .evaluate import document_reference
     from .floor import document_record
+    from .layer_shape import layer_shape, measure_sensitivity
 
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    shaping = shaping_documents(documents) if shape_knobs else []
     refs, texts, measured = [], [], []
-    with tqdm(total=len(documents) * (2 + len(ladder)), desc="calibrate", unit="run", file=sys.stderr,
-              disable=not progress) as bar:
+    with tqdm(total=len(documents) * (2 + len(ladder)) + (n_layer + 1) * len(shaping), desc="calibrate", unit="run",
+              file=sys.stderr, disable=not progress) as bar:
         for i, doc in enumerate(documents):
             t0 = time.perf_counter()
             first = max(0, len(doc.tokens) - 1 - positions)
@@ -161,7 +198,18 @@ def calibrate(llm, floor_llm, documents, *, positions: int, ladder=LADDER, progr
             refs.append((doc, first, dense, dense_s))
             texts.append(text)
             if i == 0:
-                say(_estimate(time.perf_counter() - t0, len(doc.tokens), documents, len(ladder)))
+                say(_estimate(time.perf_counter() - t0, len(doc.tokens), documents, len(ladder),
+                              (n_layer + 1) * len(shaping), min(len(documents[j].tokens) for j in shaping) if shaping else 0))
+        layers = None
+        if shaping:
+            kl, blocks = measure_sensitivity(llm, [refs[j][:2] for j in shaping], shape_knobs,
+                                             on_layer=lambda _: bar.update(len(shaping)))
+            bar.update(len(shaping))   # the exact reference pass
+            shape = layer_shape(kl)
+            layers = {"knobs": dict(shape_knobs), "cheap_blocks": blocks,
+                      "documents": [texts[j]["document"] for j in shaping], "n_tokens": len(refs[shaping[0]][0].tokens),
+                      "sensitivity_kl": kl, "layer_budget": list(shape)}
+            ladder = [{**rung, "layer_budget": shape} for rung in ladder]
         for knobs in ladder:
             settings = IceformerSettings(**knobs)
             records = []
@@ -174,7 +222,7 @@ def calibrate(llm, floor_llm, documents, *, positions: int, ladder=LADDER, progr
                 bar.total = bar.n
                 bar.refresh()
                 break
-    return texts, measured
+    return Calibration(texts, ladder, measured, layers)
 
 
 def cmd_calibrate(args) -> int:
@@ -200,22 +248,28 @@ def cmd_calibrate(args) -> int:
             raise UsageError(f"no document of {','.join(map(str, lengths))} tokens in --classes "
                              f"{','.join(args.classes) or 'none'} (--docs {args.docs}): choose shorter --lengths")
         min_n_kv = llm.attention_params()["min_n_kv"]
+        shape = args.layer_shape == "on"
         if max(lengths) <= min_n_kv:
             print(f"note: rows that see fewer than {min_n_kv} keys run dense attention, so at --lengths "
-                  f"{','.join(map(str, lengths))} every setting measures alike; calibrate at the lengths you use",
-                  file=sys.stderr, flush=True)
+                  f"{','.join(map(str, lengths))} every setting measures alike (and every layer: no layer "
+                  "shaping); calibrate at the lengths you use", file=sys.stderr, flush=True)
+            shape = False
         flipped = argparse.Namespace(**vars(args))
         flipped.flash_attn = "off" if args.flash_attn != "off" else "on"
         floor_llm = stack.enter_context(_open(flipped, max(lengths) + _CTX_SLACK))
-        texts, measured = calibrate(llm, floor_llm, documents, positions=args.positions,
-                                    progress=sys.stderr.isatty())
+        result = calibrate(llm, floor_llm, documents, positions=args.positions, n_layer=llm.n_layer(),
+                           shape_knobs=SHAPE_KNOBS if shape else None, progress=sys.stderr.isatty())
     threads = args.threads or os.cpu_count() or 1
-    profile = make_profile(sha256=model_sha256(model), info=info, model=model, lengths=lengths, texts=texts,
-                           ladder=LADDER, measured=measured, threads=threads,
+    profile = make_profile(sha256=model_sha256(model), info=info, model=model, lengths=lengths, texts=result.texts,
+                           ladder=result.ladder, measured=result.measured, threads=threads, layers=result.layers,
                            command="python -m iceformer_llama " + shlex.join(sys.argv[1:]))
     profile["wall_seconds"] = round(time.time() - started, 1)
     path = save_profile(profile)
     print(format_levels(profile))
+    if result.layers:
+        shares = result.layers["layer_budget"]
+        print(f"every level's blocks are shared by layer sensitivity: {min(shares)}% to {max(shares)}% of top_blocks "
+              f"per layer (the profile's \"layers\")", file=sys.stderr)
     print(f"wrote {path}: generate, chat, serve, bench, eval and Llama use it for this model file", file=sys.stderr)
     return 0
 
@@ -246,5 +300,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", "-b", type=positive, default=512, help="prompt tokens per ubatch (default 512)")
     p.add_argument("--flash-attn", choices=("on", "off", "auto"), default="auto",
                    help="flash attention in dense attention (default auto); the floor flips it")
+    p.add_argument("--layer-shape", choices=("on", "off"), default="on", type=str.lower,
+                   help="measure each layer's sensitivity first (one pass per layer on one document per class) and "
+                        "give sensitive layers more of each rung's budget (default on; off: the same budget in "
+                        "every layer)")
     p.set_defaults(func=cmd_calibrate, attention=None,
                    **{f"ice_{f.name}": None for f in dataclasses.fields(IceformerSettings)})
