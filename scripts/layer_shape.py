@@ -16,11 +16,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from iceformer_llama.evaluation.calibrate import DEFAULT_POSITIONS, SHAPE_KNOBS, shaping_documents  # noqa: E402
-from iceformer_llama.evaluation.evaluate import _CTX_SLACK, _open, corpus_documents  # noqa: E402
-from iceformer_llama.evaluation.layer_shape import layer_shape, measure_sensitivity  # noqa: E402
-from iceformer_llama.runtime.models import resolve_model  # noqa: E402
-from iceformer_llama.runtime.settings import IceformerSettings  # noqa: E402
+from iceformer_llama.evaluation.calibrate import (
+    DEFAULT_POSITIONS,
+    SHAPE_KNOBS,
+    shaping_documents,
+)
+from iceformer_llama.evaluation.evaluate import _CTX_SLACK, _open, corpus_documents
+from iceformer_llama.evaluation.layer_shape import layer_shape, measure_sensitivity
+from iceformer_llama.runtime.models import resolve_model
+from iceformer_llama.runtime.settings import IceformerSettings
 
 
 def main() -> int:

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from iceformer_llama.evaluation.layer_shape import MAX_PERCENT, MIN_PERCENT, layer_shape
 
 

@@ -45,8 +45,8 @@ def _rung(top_blocks: int, window: int) -> dict:
 # New knobs join as new dicts (e.g. {"top_p": ...} rungs), placed by cost.
 LADDER: list[dict] = [_rung(b, 64) for b in (10, 20, 30, 40, 60, 80)] + [_rung(b, 128) for b in (120, 160, 240, 320)]
 
-# The cheap setting each layer runs alone (the others dense) to measure where the error comes from
-# (layer_shape.py): cheap enough that every layer's error shows above the noise at 4k-8k tokens.
+# The cheap setting each layer runs alone (the others exact) to measure where the error comes from
+# (layer_shape.py): about a fifth of the keys at 4k, where every layer's error shows.
 SHAPE_KNOBS: dict = _rung(40, 64)
 
 
@@ -175,7 +175,7 @@ class Calibration:
 
 
 def calibrate(llm, floor_llm, documents, *, positions: int, ladder=LADDER, shape_knobs: dict | None = SHAPE_KNOBS,
-              n_layer: int = 0, progress: bool = False, log=None) -> Calibration:
+              progress: bool = False, log=None) -> Calibration:
     """Each document's reference, then (with shape_knobs) the layers' sensitivity and the ladder reshaped by it
     (layer_shape.py), then per rung its per-document records (floor.document_record), rungs from the cheapest
     until one keeps level 1's promise on every document."""
@@ -188,6 +188,7 @@ def calibrate(llm, floor_llm, documents, *, positions: int, ladder=LADDER, shape
 
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     shaping = shaping_documents(documents) if shape_knobs else []
+    n_layer = llm.n_layer() if shaping else 0
     refs, texts, measured = [], [], []
     with tqdm(total=len(documents) * (2 + len(ladder)) + (n_layer + 1) * len(shaping), desc="calibrate", unit="run",
               file=sys.stderr, disable=not progress) as bar:
@@ -257,7 +258,7 @@ def cmd_calibrate(args) -> int:
         flipped = argparse.Namespace(**vars(args))
         flipped.flash_attn = "off" if args.flash_attn != "off" else "on"
         floor_llm = stack.enter_context(_open(flipped, max(lengths) + _CTX_SLACK))
-        result = calibrate(llm, floor_llm, documents, positions=args.positions, n_layer=llm.n_layer(),
+        result = calibrate(llm, floor_llm, documents, positions=args.positions,
                            shape_knobs=SHAPE_KNOBS if shape else None, progress=sys.stderr.isatty())
     threads = args.threads or os.cpu_count() or 1
     profile = make_profile(sha256=model_sha256(model), info=info, model=model, lengths=lengths, texts=result.texts,

@@ -43,7 +43,7 @@ def layer_shape(sensitivity, *, exponent: float = EXPONENT, lo: int = MIN_PERCEN
     for _ in range(200):
         mid = math.sqrt(a * b)
         a, b = (mid, b) if mean_share(mid) < 100.0 else (a, mid)
-    return tuple(int(round(min(hi, max(lo, x * b)))) for x in w)
+    return tuple(round(min(hi, max(lo, x * b))) for x in w)
 
 
 def exact_blocks(n_tokens: int, block_size: int) -> int:
