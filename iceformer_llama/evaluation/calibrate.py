@@ -189,6 +189,7 @@ def calibrate(llm, floor_llm, documents, *, positions: int, ladder=LADDER, shape
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     shaping = shaping_documents(documents) if shape_knobs else []
     n_layer = llm.n_layer() if shaping else 0
+    shortest = min(len(d.tokens) for d in documents)   # the shaping documents' length (shaping_documents)
     refs, texts, measured = [], [], []
     with tqdm(total=len(documents) * (2 + len(ladder)) + (n_layer + 1) * len(shaping), desc="calibrate", unit="run",
               file=sys.stderr, disable=not progress) as bar:
@@ -200,7 +201,7 @@ def calibrate(llm, floor_llm, documents, *, positions: int, ladder=LADDER, shape
             texts.append(text)
             if i == 0:
                 say(_estimate(time.perf_counter() - t0, len(doc.tokens), documents, len(ladder),
-                              (n_layer + 1) * len(shaping), min(len(documents[j].tokens) for j in shaping) if shaping else 0))
+                              (n_layer + 1) * len(shaping), shortest))
         layers = None
         if shaping:
             kl, blocks = measure_sensitivity(llm, [refs[j][:2] for j in shaping], shape_knobs,
@@ -208,7 +209,7 @@ def calibrate(llm, floor_llm, documents, *, positions: int, ladder=LADDER, shape
             bar.update(len(shaping))   # the exact reference pass
             shape = layer_shape(kl)
             layers = {"knobs": dict(shape_knobs), "cheap_blocks": blocks,
-                      "documents": [texts[j]["document"] for j in shaping], "n_tokens": len(refs[shaping[0]][0].tokens),
+                      "documents": [texts[j]["document"] for j in shaping], "n_tokens": shortest,
                       "sensitivity_kl": kl, "layer_budget": list(shape)}
             ladder = [{**rung, "layer_budget": shape} for rung in ladder]
         for knobs in ladder:
