@@ -95,13 +95,14 @@ def structured_keys(rng, n, d, rank=8, n_big=2):
     return k.astype(np.float32)
 
 
-def block_search_reference(q, k, v, mask, scale, n_sel, B, sinks, window, group=False):
+def block_search_reference(q, k, v, mask, scale, n_sel, B, sinks, window, group=False, share=0.0):
     """The coarse block search spelled out in float64 (tail estimate off, min_n_kv 0): per row and head,
     softmax over the first `sinks` and last `window` visible cells plus the visible cells of the n_sel
     best blocks. A block seen whole scores q.mean + 2 sqrt(q^2 . var) over its keys (mean and var rounded
     to fp16), one the mask cuts its best visible q.k; blocks with nothing visible or nothing outside the
     union are not chosen; ties go to the lower block. group: the heads sharing a KV head rank blocks
-    together, by the largest over the group's heads of (score - that head's best whole-block score)."""
+    together, by the largest over the group's heads of (score - that head's best whole-block score).
+    share: a row attends at least ceil(share x the blocks it can choose) blocks (block_share, as a C float)."""
     S, H, T, _ = q.shape
     G, N = H // k.shape[1], k.shape[2]
     out = np.zeros((S, T, H, v.shape[-1]))
@@ -146,7 +147,8 @@ def block_search_reference(q, k, v, mask, scale, n_sel, B, sinks, window, group=
                 if len(seen) == 0 or (len(seen) == len(cells) and union.issuperset(cells.tolist())):
                     continue
                 ranked.append((-rank[b], b, seen.tolist()))
-            for _, _, seen in sorted(ranked)[:n_sel]:
+            n_row = max(n_sel, int(np.ceil(float(np.float32(share)) * len(ranked))))
+            for _, _, seen in sorted(ranked)[:n_row]:
                 union |= set(seen)
         cells = np.array(sorted(union))
         sc = scale * (kk[cells] @ qq) + m[cells]

@@ -16,13 +16,15 @@ llm = il.Llama(sys.argv[1], n_ctx=1600, n_batch=512, n_ubatch=512, n_threads=2)
 tokens = corpus.document_tokens(llm, 1536)
 out = {}
 for name, settings in (("dense", None), ("fixed", il.IceformerSettings(top_blocks=8, window=64, min_n_kv=0)),
-                       ("top_p", il.IceformerSettings(top_blocks=8, top_p=1e-6, min_blocks=2, window=64, min_n_kv=0))):
+                       ("top_p", il.IceformerSettings(top_blocks=8, top_p=1e-6, min_blocks=2, window=64, min_n_kv=0)),
+                       ("share", il.IceformerSettings(top_blocks=8, block_share=0.5, window=64, min_n_kv=0))):
     llm.reset()
     llm.set_attention("dense" if settings is None else "iceformer", settings)
     before = llm.attention_counts()
     llm.eval(tokens)
     after = llm.attention_counts()
     out[name] = {k: after[k] - before[k] for k in before}
+    out[name + "_params"] = llm.attention_params()
 out["layer0"] = llm.attention_counts(0)
 out["all"] = llm.attention_counts()
 out["n_layer"] = llm.n_layer()
@@ -50,5 +52,12 @@ def test_counts_follow_the_settings(builds, bundled_model):
     assert fixed["n_rows"] == 1536 * 9 * out["n_layer"]          # tokens x query heads x layers
     assert fixed["n_visible"] == 1536 * 1537 // 2 * 9 * out["n_layer"]   # causal: row t sees t + 1 keys
     assert top_p["n_attended"] < fixed["n_attended"]
+    # block_share 0.5: every row past the union attends at least half the blocks it can choose, so the
+    # share of keys read is about half (more: the union, blocks rounded up), where 8 blocks read far less
+    share = out["share"]
+    assert out["share_params"]["block_share"] == 0.5 and out["fixed_params"]["block_share"] == 0.0
+    assert share["n_visible"] == fixed["n_visible"]
+    assert 0.5 <= share["n_attended"] / share["n_visible"] <= 0.7
+    assert fixed["n_attended"] / fixed["n_visible"] < 0.3
     assert 0 < out["layer0"]["n_rows"] * out["n_layer"] == out["all"]["n_rows"]   # every layer answers the same rows
     assert "no layer 999" in out["bad_layer"]

@@ -55,16 +55,20 @@ def test_a_patch_that_does_not_apply_is_named_with_its_file(pristine, tmp_path):
     assert "\n" not in msg
 
 
-def test_ctypes_params_mirror_the_patched_header():
+def test_ctypes_params_mirror_the_patched_header(pristine, tmp_path):
     """iceformer_llama.runtime.ice_ctypes declares struct llama_iceformer_params by hand: same fields, order and
-    C types as patch 0001's llama.h, or every setting after a mismatch would land in the wrong field."""
+    C types as the patched llama.h (the whole series applied), or every setting after a mismatch would land
+    in the wrong field."""
     import ctypes
 
     from iceformer_llama.runtime.ice_ctypes import MAX_LAYERS, llama_iceformer_params
 
-    text = (PATCH_DIR / "0001-iceformer-attention-api-and-hook.patch").read_text()
-    body = re.search(r"^\+\s*struct llama_iceformer_params \{\n(.*?)^\+\s*\};", text, flags=re.M | re.S).group(1)
-    header = re.findall(r"^\+\s*(enum llama_attn_mode|int32_t|uint64_t|uint16_t|float|bool)\s+(\w+)(\[\w+\])?;",
+    tree = tmp_path / "tree"
+    shutil.copytree(pristine, tree)
+    apply_series(tree, patch_paths())
+    text = (tree / "include" / "llama.h").read_text()
+    body = re.search(r"^\s*struct llama_iceformer_params \{\n(.*?)^\s*\};", text, flags=re.M | re.S).group(1)
+    header = re.findall(r"^\s*(enum llama_attn_mode|int32_t|uint64_t|uint16_t|float|bool)\s+(\w+)(\[\w+\])?;",
                         body, flags=re.M)
     c_types = {"enum llama_attn_mode": ctypes.c_int, "int32_t": ctypes.c_int32, "uint64_t": ctypes.c_uint64,
                "uint16_t": ctypes.c_uint16, "float": ctypes.c_float, "bool": ctypes.c_bool}

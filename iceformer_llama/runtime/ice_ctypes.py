@@ -30,6 +30,7 @@ class llama_iceformer_params(ctypes.Structure):
         ("top_blocks", ctypes.c_int32),
         ("min_blocks", ctypes.c_int32),
         ("top_p", ctypes.c_float),
+        ("block_share", ctypes.c_float),
         ("seed", ctypes.c_uint64),
         ("dense_layers", ctypes.c_uint64 * 4),
         ("exact_search", ctypes.c_bool),
@@ -104,7 +105,8 @@ class IceformerAPI:
         out = {f[0]: getattr(p, f[0]) for f in llama_iceformer_params._fields_
                if f[0] not in ("dense_layers", "layer_budget")}
         out["mode"] = {v: k for k, v in MODES.items()}[out["mode"]]
-        out["top_p"] = round(out["top_p"], 6)   # a C float: 0.95 reads back as 0.949999988
+        for name in ("top_p", "block_share"):
+            out[name] = round(out[name], 6)   # a C float: 0.95 reads back as 0.949999988
         out["dense_layers"] = [i for i in range(n_layer) if (p.dense_layers[i // 64] >> (i % 64)) & 1]
         out["layer_budget"] = list(p.layer_budget[:n_layer])
         return out

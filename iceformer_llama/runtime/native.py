@@ -205,6 +205,7 @@ class AttnParams:
     top_blocks: int
     min_blocks: int
     top_p: float
+    block_share: float
     seed: int
     exact_search: bool
     tail_estimate: bool

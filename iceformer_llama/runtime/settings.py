@@ -95,6 +95,9 @@ class IceformerSettings:
     top_p: float | None = _knob("--top-p", "0 = off; in (0, 1]: each row attends the fewest top-ranked blocks whose "
                                 "estimated softmax mass, with the sinks' and window's, reaches this share of the "
                                 "row's estimated total for every query head (top_blocks at most)", kind=float)
+    block_share: float | None = _knob("--block-share", "0 = off; in (0, 1]: each row attends at least this share "
+                                      "of the blocks it can choose, so the budget grows with the context "
+                                      "(top_blocks at least)", kind=float)
     seed: int | None = _knob("--dci-seed", "seed of the DCI random projections")
     dense_layers: tuple[int, ...] | None = _knob("--dense-layers", "comma-separated layers kept dense", kind="layers")
     layer_budget: tuple[int, ...] | None = _knob(

@@ -154,6 +154,9 @@ struct ice_attn_params {
                               // mass, with the sinks' and window's, reaches top_p of its estimated total for
                               // every query head; a block's mass is estimated from its summaries to second
                               // order: n exp(scale q.mean + scale^2 q^2.var / 2)
+    float    block_share;     // 0 = off. In (0, 1]: a row attends at least this share (rounded up) of the
+                              // blocks it can choose, so its budget grows with the context; top_blocks is
+                              // then the fewest it attends (top_p, if on, chooses at most this many)
     uint64_t seed;            // DCI projection seed
     bool     exact_search;    // use the brute-force index instead of DCI (oracle / debugging)
     bool     tail_estimate;   // add the block-summary estimate of keys not attended exactly

@@ -20,6 +20,7 @@ static enum ice_status check_params(const struct ice_attn_params * p) {
     if ((int64_t)p->n_composite * p->n_simple > 4096) return ICE_STATUS_INVALID_ARG;
     if (p->visit_budget < 0 || p->retrieve_budget < 0 || p->top_blocks < 0) return ICE_STATUS_INVALID_ARG;
     if (p->min_blocks < 0 || !(p->top_p >= 0.0f && p->top_p <= 1.0f)) return ICE_STATUS_INVALID_ARG;
+    if (!(p->block_share >= 0.0f && p->block_share <= 1.0f)) return ICE_STATUS_INVALID_ARG;
     return ICE_STATUS_OK;
 }
 
@@ -432,7 +433,9 @@ static enum ice_status row_cells(struct ice_attn_state * st, struct ice_thread *
         return ICE_STATUS_OK;
     }
     // union of sinks, window and top-k, de-duplicated with per-cell stamps
-    const int64_t n_union = (int64_t)p->top_k + p->n_sinks + p->window + (int64_t)p->top_blocks * B;
+    // with block_share a row may attend more than top_blocks blocks: room for every block then
+    const int64_t n_blk = p->block_share > 0.0f && h->n_blocks > p->top_blocks ? h->n_blocks : p->top_blocks;
+    const int64_t n_union = (int64_t)p->top_k + p->n_sinks + p->window + n_blk * B;
     if (ICE_RESERVE(&th->uni, &th->uni_cap, n_union, 0) ||
         ICE_RESERVE(&th->stamp, &th->stamp_cap, dm->n_kv, 2) ||
         ICE_RESERVE(&th->heap_s, &th->heap_s_cap, p->top_k, 0) ||
@@ -478,9 +481,9 @@ static enum ice_status row_cells(struct ice_attn_state * st, struct ice_thread *
                                             : row_block_scores(th, h, io, dm, s, t, hq, hq_last, &bsp);
         if (!bqk) return ICE_STATUS_NO_MEMORY;
         const int64_t added = p->group_blocks
-            ? ice_block_select(h, kv, th, p->top_blocks, p->min_blocks, p->top_p, io->scale, dm->gqa, th->gq, bqk, bsp,
+            ? ice_block_select(h, kv, th, p->top_blocks, p->min_blocks, p->top_p, p->block_share, io->scale, dm->gqa, th->gq, bqk, bsp,
                                th->uni, nu, gen, th->uni + nu)
-            : ice_block_select(h, kv, th, p->top_blocks, p->min_blocks, p->top_p, io->scale, 1, q, bqk, bsp,
+            : ice_block_select(h, kv, th, p->top_blocks, p->min_blocks, p->top_p, p->block_share, io->scale, 1, q, bqk, bsp,
                                th->uni, nu, gen, th->uni + nu);
         if (added < 0) return ICE_STATUS_NO_MEMORY;
         nu += added;

@@ -178,11 +178,12 @@ void ice_tail_block(struct ice_head * hd, const struct ice_kv * kv, int64_t b, f
 // by the union so far (uni: nu cells, stamped `gen`), picks the n_sel with the largest optimistic score
 // and appends their visible cells not yet stamped to out, in cell order. With top_p > 0, n_sel is a cap:
 // it takes the fewest blocks (at least n_min) whose estimated mass with the union's reaches top_p of the
-// row's estimated total for each of the na heads (scale: the softmax scale). Returns the number
-// appended, -1 when out of memory. out must hold n_sel * block_size cells. bqk, bsp: this row's block
+// row's estimated total for each of the na heads (scale: the softmax scale). With share > 0, n_sel
+// first grows to ceil(share * the blocks the row can choose). Returns the number appended, -1 when out
+// of memory. out must hold n_sel * block_size cells (with share > 0, every block's). bqk, bsp: this row's block
 // scores (ice_block_scores).
 int64_t ice_block_select(const struct ice_head * hd, const struct ice_kv * kv, struct ice_thread * th, int32_t n_sel,
-        int32_t n_min, float top_p, float scale, int64_t na, const float * q, const float * bqk, const float * bsp,
+        int32_t n_min, float top_p, float share, float scale, int64_t na, const float * q, const float * bqk, const float * bsp,
         const int32_t * uni, int64_t nu, uint32_t gen, int32_t * out);
 // The two ranking dot products of every block (q . mean key into th->bqk, q^2 . variance into th->bsp,
 // na*n_blocks floats each, query j's at j*n_blocks) for the na query rows q (na*d_k floats) of one KV

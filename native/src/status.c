@@ -43,6 +43,7 @@ struct ice_attn_params ice_attn_default_params(void) {
                                // points of top-1 of llama.cpp's floor on both models measured (README)
     p.min_blocks      = 0;
     p.top_p           = 0.0f;  // off: a fixed top_blocks per row
+    p.block_share     = 0.0f;  // off: the budget does not grow with the context
     p.seed            = 0x1ce0f0a2d5eedULL;
     p.exact_search    = false;
     p.tail_estimate   = false;   // with the block search it bought no agreement and cost speed (README)

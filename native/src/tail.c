@@ -160,7 +160,7 @@ static int64_t mass_blocks(const struct ice_head * h, struct ice_thread * th, in
 }
 
 int64_t ice_block_select(const struct ice_head * h, const struct ice_kv * kv, struct ice_thread * th, int32_t n_sel,
-        int32_t n_min, float top_p, float scale, int64_t na, const float * q, const float * bqk, const float * bsp,
+        int32_t n_min, float top_p, float share, float scale, int64_t na, const float * q, const float * bqk, const float * bsp,
         const int32_t * uni, int64_t nu, uint32_t gen, int32_t * out) {
     const int64_t nb = h->n_blocks, B = h->B;
     if (ICE_RESERVE(&th->bcov, &th->bcov_cap, nb + 1, 2) || ICE_RESERVE(&th->bkey, &th->bkey_cap, 3 * (nb + 1) + na, 0)) return -1;
@@ -193,6 +193,11 @@ int64_t ice_block_select(const struct ice_head * h, const struct ice_kv * kv, st
     for (int64_t i = 0; i < nu; i++) {
         const int64_t b = uni[i] / B;
         if (cov[b] == h->bcount[b] && bcnt[b] == h->bcount[b] && key[b] != 0) { key[b] = 0; n_ok--; }
+    }
+    if (share > 0.0f) {
+        // a budget that grows with the context: at least `share` of the blocks this row can choose
+        const int64_t want = (int64_t)ceil((double)share * (double)n_ok);
+        if (want > n_sel) n_sel = (int32_t)want;
     }
     if (top_p > 0.0f && n_ok > 0) {
         // adaptive budget: as many blocks as the estimated mass asks for, from n_min up to n_sel
