@@ -3,6 +3,7 @@ files, keyed by content), and the command end to end on the bundled model at a s
 profile it writes is what generate and Llama then run, for that model file only."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -61,6 +62,18 @@ def test_promises_tighten_with_the_level_and_the_ladder_runs_from_cheap_to_exact
     for rung in C.LADDER:
         IceformerSettings(**rung)
         assert set(rung) == set(C.LADDER[0])
+
+
+def test_rungs_keep_their_share_of_the_blocks_past_the_calibrated_length():
+    """At the calibrated length a rung's share asks for no more than its top_blocks (it runs as measured);
+    past it the budget grows in proportion: twice the context, twice the blocks."""
+    held = C.hold_share(C.LADDER, 8192)
+    for rung, h in zip(C.LADDER, held):
+        assert {k: v for k, v in h.items() if k != "block_share"} == rung
+        assert math.ceil(h["block_share"] * 512) <= rung["top_blocks"]            # 8k: 512 blocks of 16
+        assert rung["top_blocks"] * 2 - 1 <= math.ceil(h["block_share"] * 1024) <= rung["top_blocks"] * 2
+    assert [h["block_share"] for h in C.hold_share([C.LADDER[-1]], 512)] == [1.0]   # 320 blocks of a 32-block context
+    assert C.hold_share(C.LADDER, 4096)[-1]["block_share"] == 1.0
 
 
 class _Info:
@@ -174,7 +187,7 @@ def test_calibrate_writes_a_profile_for_the_models_content(calibrated, bundled_m
     assert profile["documents"][0]["first_position"] == 512 - 1 - 256 and profile["documents"][0]["floor"]
     assert set(profile["levels"]) == {str(level) for level in SPEED_LEVELS}
     for entry in profile["levels"].values():
-        assert entry["knobs"] in [json.loads(json.dumps(r)) for r in C.LADDER]
+        assert entry["knobs"] in [json.loads(json.dumps(r)) for r in C.hold_share(C.LADDER, 512)]
         assert isinstance(entry["meets"], bool)
     assert 1 <= len(profile["rungs"]) <= len(C.LADDER)
     assert profile["layers"] is None and "no layer shaping" in stderr   # 512 tokens: every row runs dense

@@ -246,8 +246,9 @@ def test_block_search_matches_reference(keys, mk, n_tok, gqa, group):
             k[:, :, b * B:(b + 1) * B] = base
         for b, f in ((4, 3.0), (11, 2.5), (17, 2.0)):
             k[:, :, b * B:(b + 1) * B] *= f
+    # block_share 0: the reference's fixed count (test_native_block_share.py checks the share)
     params = native.AttnParams.default(top_k=0, top_blocks=n_sel, block_size=B, n_sinks=4, window=16, min_n_kv=0,
-                                       tail_estimate=False, group_blocks=group)
+                                       tail_estimate=False, group_blocks=group, block_share=0.0)
     ref = block_search_reference(q, k, v, mask, scale, n_sel, B, 4, 16, group=group)
     out = native.attention(q, k, v, mask, scale, params)
     assert nmse(out, ref) < 1e-6
@@ -257,5 +258,5 @@ def test_block_search_matches_reference(keys, mk, n_tok, gqa, group):
     # and the search matters here: attending fewer blocks gives a different answer
     fewer = native.attention(q, k, v, mask, scale, native.AttnParams.default(
         top_k=0, top_blocks=n_sel - 2, block_size=B, n_sinks=4, window=16, min_n_kv=0, tail_estimate=False,
-        group_blocks=group))
+        group_blocks=group, block_share=0.0))
     assert nmse(fewer, ref) > 1e-6

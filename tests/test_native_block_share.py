@@ -28,12 +28,12 @@ def _data(n_kv, n_tok, gqa, mk, seed, n_head_kv=2):
 
 
 def _params(**kw):
-    base = dict(top_k=0, block_size=B, n_sinks=SINKS, window=WINDOW, min_n_kv=0, tail_estimate=False)
+    base = dict(top_k=0, block_size=B, n_sinks=SINKS, window=WINDOW, min_n_kv=0, tail_estimate=False, block_share=0.0)
     return native.AttnParams.default(**{**base, **kw})
 
 
-def test_default_is_off():
-    assert native.AttnParams.default().block_share == 0.0
+def test_default_keeps_level_3s_share_of_an_8k_context():
+    assert native.AttnParams.default().block_share == 240 / 512
 
 
 @pytest.mark.parametrize("group", [True, False])

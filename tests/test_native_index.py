@@ -40,6 +40,22 @@ def test_add_search_remove_size(kind):
         assert ix.size() == 300
 
 
+def test_large_k_comes_back_in_order_with_ties_by_id():
+    """Thousands of results (--top-k can ask for that many): the best scores, in decreasing order, ties by
+    increasing id. Keys on a coarse grid make many scores tie (which of the ties at the k-th score are kept
+    is the heap's business, not the order's)."""
+    rng = np.random.default_rng(4)
+    keys = rng.integers(-2, 3, size=(5000, 8)).astype(np.float32)
+    ids = rng.permutation(5000).astype(np.int64) + 10
+    q = np.array([1, 0, 1, 0, 0, 1, 0, 0], np.float32)
+    with native.Index(8, kind="exact") as ix:
+        ix.add(keys, ids)
+        lab, sc = ix.search(q, 3000)
+    assert np.array_equal(sc, np.sort(keys @ q)[::-1][:3000])
+    assert np.array_equal(np.lexsort((lab, -sc)), np.arange(3000))   # last key first: score down, then id up
+    assert np.array_equal(sc, (keys @ q)[np.argsort(ids)][lab - 10])  # each label's own score
+
+
 @pytest.mark.parametrize("kind", ["exact", "dci"])
 def test_k_larger_than_size_pads(kind):
     keys = np.eye(4, dtype=np.float32)

@@ -22,15 +22,16 @@ B, N_SEL, SINKS, WINDOW = 32, 5, 4, 16
 
 CONFIGS = {
     "dense": dict(mode="dense"),
+    # block_share 0: the reference's fixed count of blocks
     "blocks": dict(top_k=0, top_blocks=N_SEL, block_size=B, n_sinks=SINKS, window=WINDOW, min_n_kv=0,
-                   tail_estimate=False),
+                   tail_estimate=False, block_share=0.0),
     "tail-cover": dict(top_k=0, top_blocks=10_000, block_size=B, min_n_kv=0, tail_estimate=True),
     # 40 blocks of 16 (the default size): full vector iterations of the ranking keys plus a scalar rest
     "blocks-16": dict(top_k=0, top_blocks=2 * N_SEL, block_size=B // 2, n_sinks=SINKS, window=WINDOW, min_n_kv=0,
-                      tail_estimate=False),
+                      tail_estimate=False, block_share=0.0),
     # blocks chosen per head (group_blocks off): one head's rows at a time, the single-query kernels
     "blocks-head": dict(top_k=0, top_blocks=N_SEL, block_size=B, n_sinks=SINKS, window=WINDOW, min_n_kv=0,
-                        tail_estimate=False, group_blocks=False),
+                        tail_estimate=False, group_blocks=False, block_share=0.0),
 }
 
 CHILD = """

@@ -26,7 +26,7 @@ def _data(n_kv, n_tok, gqa, mk, seed, n_head_kv=2):
 
 
 def _params(**kw):
-    base = dict(top_k=0, block_size=B, n_sinks=SINKS, window=WINDOW, min_n_kv=0, tail_estimate=False)
+    base = dict(top_k=0, block_size=B, n_sinks=SINKS, window=WINDOW, min_n_kv=0, tail_estimate=False, block_share=0.0)
     return native.AttnParams.default(**{**base, **kw})
 
 

@@ -7,7 +7,8 @@ llama.cpp's own floor (dense with flash attention flipped) on the same positions
 of each document. It stops once a rung meets the tightest promise (level 1) on every document. With
 --layer-shape on (the default) it first measures each layer's sensitivity (layer_shape.py: one pass per
 layer on one document per class) and every rung then gives each layer a share of its block budget
-(layer_budget) that grows with the layer's sensitivity, the mean share 100%. Each
+(layer_budget) that grows with the layer's sensitivity, the mean share 100%. Every rung also keeps,
+past the longest length calibrated, the share of the blocks it attends there (block_share, hold_share). Each
 speed level then gets the cheapest rung that meets its promise (settings.LEVEL_PROMISES: perplexity vs
 dense, top-1 vs the floor) on EVERY document; a level no rung meets gets the most exact rung, marked
 `meets: false`. The result is the model's profile (runtime/calibration.py), keyed by the file's content
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import shlex
 import sys
@@ -37,7 +39,7 @@ DEFAULT_POSITIONS = 512
 
 
 def _rung(top_blocks: int, window: int) -> dict:
-    return {"block_size": 16, "top_blocks": top_blocks, "window": window, "layer_budget": ()}
+    return {"block_size": 16, "top_blocks": top_blocks, "window": window, "block_share": 0.0, "layer_budget": ()}
 
 
 # Candidate settings from the cheapest to the most exact: IceformerSettings field values, every rung
@@ -48,6 +50,14 @@ LADDER: list[dict] = [_rung(b, 64) for b in (10, 20, 30, 40, 60, 80)] + [_rung(b
 # The cheap setting each layer runs alone (the others exact) to measure where the error comes from
 # (layer_shape.py): about a fifth of the keys at 4k, where every layer's error shows.
 SHAPE_KNOBS: dict = _rung(40, 64)
+
+
+def hold_share(ladder: list[dict], length: int) -> list[dict]:
+    """The rungs with block_share set to the share of an n_kv = `length` context's blocks that each attends
+    (rounded down), so a budget measured enough at the longest length calibrated keeps that share of the
+    keys on longer prompts; up to that length top_blocks is the larger and the rung runs as measured."""
+    return [{**rung, "block_share": min(1.0, math.floor(rung["top_blocks"] / max(1, length // rung["block_size"])
+                                                        * 10_000) / 10_000)} for rung in ladder]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,6 +200,7 @@ def calibrate(llm, floor_llm, documents, *, positions: int, ladder=LADDER, shape
     shaping = shaping_documents(documents) if shape_knobs else []
     n_layer = llm.n_layer() if shaping else 0
     shortest = min(len(d.tokens) for d in documents)   # the shaping documents' length (shaping_documents)
+    ladder = hold_share(ladder, max(len(d.tokens) for d in documents))
     refs, texts, measured = [], [], []
     with tqdm(total=len(documents) * (2 + len(ladder)) + (n_layer + 1) * len(shaping), desc="calibrate", unit="run",
               file=sys.stderr, disable=not progress) as bar:
