@@ -32,8 +32,8 @@ def _params(**kw):
     return native.AttnParams.default(**{**base, **kw})
 
 
-def test_default_keeps_level_3s_share_of_an_8k_context():
-    assert native.AttnParams.default().block_share == 240 / 512
+def test_default_is_level_3s_share():
+    assert native.AttnParams.default().block_share == 0.625
 
 
 @pytest.mark.parametrize("group", [True, False])

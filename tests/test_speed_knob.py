@@ -29,7 +29,7 @@ def test_the_library_default_is_the_default_level():
 
 
 def test_explicit_knobs_win_over_the_level():
-    level3 = {"block_size": 16, "top_blocks": 240, "window": 128, "block_share": 240 / 512}
+    level3 = {"block_size": 16, "top_blocks": 240, "window": 128, "block_share": 0.625}
     assert IceformerSettings(speed=3).kernel_overrides() == level3
     assert IceformerSettings(speed=3, window=200).kernel_overrides() == {**level3, "window": 200}
     assert IceformerSettings(top_blocks=5).kernel_overrides() == {"top_blocks": 5}

@@ -9,7 +9,7 @@ still win. A model without a profile keeps SPEED_LEVELS.
 The key is the file's content, so a renamed or copied model keeps its profile and a different file with
 the same name does not get it. Hashing a 4 GB file takes seconds, so the hash is memoised in
 profiles_dir()/sha256-memo.json by resolved path, size and mtime_ns; and nothing is hashed while the
-folder holds no profile at all. A damaged profile (bad JSON, another format, wrong types) is ignored
+folder holds no profile at all. A damaged or outdated profile (bad JSON, another format, wrong types) is ignored
 with one warning line on stderr, once per process and file.
 """
 
@@ -26,7 +26,8 @@ from pathlib import Path
 from ..paths import cache_dir, sha256_of
 from .settings import DEFAULT_SPEED, SPEED_LEVELS, IceformerSettings
 
-PROFILE_FORMAT = 1
+# 2: levels name block_share; a format-1 level would run the library's share, which it was not measured with
+PROFILE_FORMAT = 2
 _MEMO = "sha256-memo.json"
 _warned: set[str] = set()
 
@@ -111,8 +112,11 @@ def parse_profile(data, path: Path, sha256: str | None = None) -> Profile:
     """A Profile from a JSON document; ValueError saying what is wrong."""
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
-    if data.get("format") != PROFILE_FORMAT:
-        raise ValueError(f"format {data.get('format')!r}, expected {PROFILE_FORMAT}")
+    fmt = data.get("format")
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and 1 <= fmt < PROFILE_FORMAT:
+        raise ValueError(f"made by an older version: format {fmt}, expected {PROFILE_FORMAT}")
+    if fmt != PROFILE_FORMAT:
+        raise ValueError(f"format {fmt!r}, expected {PROFILE_FORMAT}")
     if not isinstance(data.get("model_sha256"), str) or (sha256 is not None and data["model_sha256"] != sha256):
         raise ValueError("model_sha256 does not match the file's name")
     levels_in = data.get("levels")
@@ -136,7 +140,7 @@ def _warn(path: Path, why: str) -> None:
     if str(path) in _warned:
         return
     _warned.add(str(path))
-    print(f"warning: ignoring the damaged calibration profile {path} ({why}); run calibrate again to replace it",
+    print(f"warning: ignoring the calibration profile {path} ({why}); run calibrate again to replace it",
           file=sys.stderr, flush=True)
 
 

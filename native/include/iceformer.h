@@ -171,9 +171,9 @@ struct ice_attn_params {
 // per GQA group with window 128: on natural text (prose and code) at 4k and 8k tokens, within +1%
 // perplexity of dense and 1.5 points of top-1 of llama.cpp's own floor on SmolLM2-135M and
 // Qwen2.5-Coder-0.5B (160 blocks missed on one document at 8k; 80, the earlier default chosen on
-// copy-heavy docstrings, missed on most). block_share 240/512: past 8k the budget keeps the share of the
-// blocks that 240 are at 8k, because a fixed count did not hold (Qwen2.5-Coder-0.5B at 16k: 240 blocks
-// 2.9 points of top-1 below the floor, twice the blocks 0.8). group_blocks: the heads of a GQA group share their blocks (80
+// copy-heavy docstrings, missed on most). block_share 0.625: past about 6k keys a row attends at least
+// 5/8 of the blocks it can choose, because a fixed count did not hold at 16k on Qwen2.5-Coder-0.5B (240
+// blocks: 2.7-2.9 points of top-1 below the floor; half the blocks: 1.8; 5/8: 0.7). group_blocks: the heads of a GQA group share their blocks (80
 // shared blocks matched or beat 64 per head at 1k-8k while each group reads a sixth fewer keys); blocks of
 // 16 beat blocks of 32 at the same number of keys attended. top_p 0 (a fixed count): the top-p budget lost
 // to it at equal keys attended. top_k 0: Prioritized DCI k-NN search (top_k > 0) is kept, but on 2 cores
