@@ -155,3 +155,23 @@ def block_search_reference(q, k, v, mask, scale, n_sel, B, sinks, window, group=
         p = np.exp(sc - sc.max())
         out[s, t, h] = p @ vv[cells] / p.sum()
     return out
+
+
+def block_search_data(n_kv, n_tok, gqa, mk, seed, n_head_kv=2):
+    """q, k, v, mask, scale for the block-search tests: structured keys (so blocks differ), random queries
+    and values, a mask of kind `mk` (make_mask) with the rows rounded up as llama.cpp pads them."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((1, n_head_kv * gqa, n_tok, 64)).astype(np.float32)
+    k = np.stack([structured_keys(rng, n_kv, 64) for _ in range(n_head_kv)])[None]
+    v = rng.standard_normal((1, n_head_kv, n_kv, 64)).astype(np.float32)
+    n_rows = (n_tok + 7) // 8 * 8 + (1 if n_tok % 8 == 0 else 0)
+    mask = make_mask(mk, n_kv, n_tok, n_rows, rng, np.float32)[None]
+    return q, k, v, mask, 1.0 / 8.0
+
+
+def block_search_params(native, B, sinks, window, **kw):
+    """The block search alone at a fixed count (block_share 0, no k-NN, no tail estimate, every row sparse),
+    then the knobs in kw."""
+    base = dict(top_k=0, block_size=B, n_sinks=sinks, window=window, min_n_kv=0, tail_estimate=False,
+                block_share=0.0)
+    return native.AttnParams.default(**{**base, **kw})

@@ -11,25 +11,17 @@ import math
 import numpy as np
 import pytest
 
-from conftest_native import block_search_reference, load_native, make_mask, nmse, structured_keys
+from conftest_native import block_search_data, block_search_params, block_search_reference, load_native, nmse
 
 native = load_native()
 B, SINKS, WINDOW = 32, 4, 16
 
 
-def _data(n_kv, n_tok, gqa, mk, seed, n_head_kv=2):
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((1, n_head_kv * gqa, n_tok, 64)).astype(np.float32)
-    k = np.stack([structured_keys(rng, n_kv, 64) for _ in range(n_head_kv)])[None]
-    v = rng.standard_normal((1, n_head_kv, n_kv, 64)).astype(np.float32)
-    n_rows = (n_tok + 7) // 8 * 8 + (1 if n_tok % 8 == 0 else 0)
-    mask = make_mask(mk, n_kv, n_tok, n_rows, rng, np.float32)[None]
-    return q, k, v, mask, 1.0 / 8.0
+_data = block_search_data
 
 
 def _params(**kw):
-    base = dict(top_k=0, block_size=B, n_sinks=SINKS, window=WINDOW, min_n_kv=0, tail_estimate=False, block_share=0.0)
-    return native.AttnParams.default(**{**base, **kw})
+    return block_search_params(native, B, SINKS, WINDOW, **kw)
 
 
 def test_default_is_level_3s_share():

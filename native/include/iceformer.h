@@ -167,20 +167,20 @@ struct ice_attn_params {
                               // best block), so each chosen block is read once for the group
 };
 
-// Defaults (README, "Results"; docs/results.md): the coarse block search, top_blocks 240 of block_size 16
-// per GQA group with window 128: on natural text (prose and code) at 4k and 8k tokens, within +1%
-// perplexity of dense and 1.5 points of top-1 of llama.cpp's own floor on SmolLM2-135M and
-// Qwen2.5-Coder-0.5B (160 blocks missed on one document at 8k; 80, the earlier default chosen on
-// copy-heavy docstrings, missed on most). block_share 0.625: past about 6k keys a row attends at least
-// 5/8 of the blocks it can choose, because a fixed count did not hold at 16k on Qwen2.5-Coder-0.5B (240
-// blocks: 2.7-2.9 points of top-1 below the floor; half the blocks: 1.8; 5/8: 0.7). group_blocks: the heads of a GQA group share their blocks (80
-// shared blocks matched or beat 64 per head at 1k-8k while each group reads a sixth fewer keys); blocks of
-// 16 beat blocks of 32 at the same number of keys attended. top_p 0 (a fixed count): the top-p budget lost
-// to it at equal keys attended. top_k 0: Prioritized DCI k-NN search (top_k > 0) is kept, but on 2 cores
-// it made a 4k-token prefill 3.6x slower than dense while the block search made it faster. DCI settings
-// when it is used: L = 4, m = 1 (m = 1 beat m = 2 at equal visits on synthetic keys), automatic budgets
-// (each simple index walks max(16 top_k, n/8) keys; candidates uncapped). tail_estimate false: with the
-// block search it bought no agreement and cost 10-20% of speed.
+// Defaults (README, "Results"; docs/results.md): the coarse block search, top_blocks 240 of block_size 16 per
+// GQA group with window 128: on natural text (prose and code) at 4k and 8k tokens, within +1% perplexity of
+// dense and 1.5 points of top-1 of llama.cpp's own floor on SmolLM2-135M and Qwen2.5-Coder-0.5B (160 blocks
+// missed on one document at 8k; 80, the earlier default chosen on copy-heavy docstrings, missed on most).
+// block_share 0.625: past about 6k keys a row attends at least 5/8 of the blocks it can choose, because a
+// fixed count did not hold at 16k on Qwen2.5-Coder-0.5B (240 blocks: 2.9 points of top-1 below the floor;
+// shares 0.4 / 0.5: 2.7 / 1.8; 5/8: 0.7). group_blocks: the heads of a GQA group share their blocks (80 shared
+// blocks matched or beat 64 per head at 1k-8k while each group reads a sixth fewer keys); blocks of 16 beat
+// blocks of 32 at the same number of keys attended. top_p 0 (a fixed count): the top-p budget lost to it at
+// equal keys attended. top_k 0: Prioritized DCI k-NN search (top_k > 0) is kept, but on 2 cores it made a
+// 4k-token prefill 3.6x slower than dense while the block search made it faster. DCI settings when it is
+// used: L = 4, m = 1 (m = 1 beat m = 2 at equal visits on synthetic keys), automatic budgets (each simple
+// index walks max(16 top_k, n/8) keys; candidates uncapped). tail_estimate false: with the block search it
+// bought no agreement and cost 10-20% of speed.
 // Rows whose visible keys fit in n_sinks + window, or number fewer than min_n_kv, run dense.
 struct ice_attn_params ice_attn_default_params(void);
 

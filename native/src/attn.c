@@ -481,10 +481,10 @@ static enum ice_status row_cells(struct ice_attn_state * st, struct ice_thread *
                                             : row_block_scores(th, h, io, dm, s, t, hq, hq_last, &bsp);
         if (!bqk) return ICE_STATUS_NO_MEMORY;
         const int64_t added = p->group_blocks
-            ? ice_block_select(h, kv, th, p->top_blocks, p->min_blocks, p->top_p, p->block_share, io->scale, dm->gqa, th->gq, bqk, bsp,
-                               th->uni, nu, gen, th->uni + nu)
-            : ice_block_select(h, kv, th, p->top_blocks, p->min_blocks, p->top_p, p->block_share, io->scale, 1, q, bqk, bsp,
-                               th->uni, nu, gen, th->uni + nu);
+            ? ice_block_select(h, kv, th, p->top_blocks, p->min_blocks, p->top_p, p->block_share, io->scale, dm->gqa,
+                               th->gq, bqk, bsp, th->uni, nu, gen, th->uni + nu)
+            : ice_block_select(h, kv, th, p->top_blocks, p->min_blocks, p->top_p, p->block_share, io->scale, 1, q,
+                               bqk, bsp, th->uni, nu, gen, th->uni + nu);
         if (added < 0) return ICE_STATUS_NO_MEMORY;
         nu += added;
     }

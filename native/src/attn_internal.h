@@ -183,8 +183,8 @@ void ice_tail_block(struct ice_head * hd, const struct ice_kv * kv, int64_t b, f
 // of memory. out must hold n_sel * block_size cells (with share > 0, every block's). bqk, bsp: this row's block
 // scores (ice_block_scores).
 int64_t ice_block_select(const struct ice_head * hd, const struct ice_kv * kv, struct ice_thread * th, int32_t n_sel,
-        int32_t n_min, float top_p, float share, float scale, int64_t na, const float * q, const float * bqk, const float * bsp,
-        const int32_t * uni, int64_t nu, uint32_t gen, int32_t * out);
+        int32_t n_min, float top_p, float share, float scale, int64_t na, const float * q, const float * bqk,
+        const float * bsp, const int32_t * uni, int64_t nu, uint32_t gen, int32_t * out);
 // The two ranking dot products of every block (q . mean key into th->bqk, q^2 . variance into th->bsp,
 // na*n_blocks floats each, query j's at j*n_blocks) for the na query rows q (na*d_k floats) of one KV
 // head: the query heads of a GQA group share one read of the ranking rows. 0, or -1 when out of memory.

@@ -160,8 +160,8 @@ static int64_t mass_blocks(const struct ice_head * h, struct ice_thread * th, in
 }
 
 int64_t ice_block_select(const struct ice_head * h, const struct ice_kv * kv, struct ice_thread * th, int32_t n_sel,
-        int32_t n_min, float top_p, float share, float scale, int64_t na, const float * q, const float * bqk, const float * bsp,
-        const int32_t * uni, int64_t nu, uint32_t gen, int32_t * out) {
+        int32_t n_min, float top_p, float share, float scale, int64_t na, const float * q, const float * bqk,
+        const float * bsp, const int32_t * uni, int64_t nu, uint32_t gen, int32_t * out) {
     const int64_t nb = h->n_blocks, B = h->B;
     if (ICE_RESERVE(&th->bcov, &th->bcov_cap, nb + 1, 2) || ICE_RESERVE(&th->bkey, &th->bkey_cap, 3 * (nb + 1) + na, 0)) return -1;
     const int32_t * bcnt = th->vis_bcnt;
