@@ -15,8 +15,9 @@ from iceformer_llama.evaluation import corpus
 llm = il.Llama(sys.argv[1], n_ctx=1600, n_batch=512, n_ubatch=512, n_threads=2)
 tokens = corpus.document_tokens(llm, 1536)
 out = {}
-for name, settings in (("dense", None), ("fixed", il.IceformerSettings(top_blocks=8, window=64, min_n_kv=0)),
-                       ("top_p", il.IceformerSettings(top_blocks=8, top_p=1e-6, min_blocks=2, window=64, min_n_kv=0)),
+fixed = dict(window=64, min_n_kv=0, block_share=0.0)   # a fixed count of blocks, whatever the default share
+for name, settings in (("dense", None), ("fixed", il.IceformerSettings(top_blocks=8, **fixed)),
+                       ("top_p", il.IceformerSettings(top_blocks=8, top_p=1e-6, min_blocks=2, **fixed)),
                        ("share", il.IceformerSettings(top_blocks=8, block_share=0.5, window=64, min_n_kv=0))):
     llm.reset()
     llm.set_attention("dense" if settings is None else "iceformer", settings)

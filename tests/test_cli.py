@@ -81,7 +81,7 @@ def test_chat_speed_command_retunes_the_live_context(builds, bundled_model):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert "(speed 3 (default); /speed 1..8, 1 = most exact)" in lines
-    assert "(speed 2: block_size=16, top_blocks=280, window=128)" in lines
+    assert "(speed 2: block_size=16, top_blocks=280, window=128, block_share=0.75)" in lines
     assert "(speed must be a number from 1 to 8, got '12')" in lines
     # the setting stuck, and the conversation went on on the same context
     assert lines.count("(speed 2; /speed 1..8, 1 = most exact)") == 1

@@ -83,7 +83,7 @@ def test_layer_budget_scales_top_blocks_layer_by_layer(builds, bundled_model, tm
     200% everywhere is 40 blocks bit for bit, and one layer at 0% (no blocks: sinks and window only)
     changes the logits while 100% everywhere is the same as none given (the model's profile off) bit for bit."""
     n = 1536
-    common = dict(top_k=0, block_size=16, window=64)
+    common = dict(top_k=0, block_size=16, window=64, block_share=0)   # a fixed count, scaled per layer
     forty = probe(tmp_path, "patched", "iceformer", n_tokens=n, top_blocks=40, layer_budget=(), **common)
     doubled = probe(tmp_path, "patched", "iceformer", n_tokens=n, top_blocks=20, layer_budget=(200,) * 30, **common)
     assert np.array_equal(forty.view(np.uint32), doubled.view(np.uint32))
