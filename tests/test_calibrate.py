@@ -69,7 +69,7 @@ def test_rungs_keep_their_share_of_the_blocks_past_the_calibrated_length():
     past it the budget grows in proportion: twice the context, twice the blocks."""
     held = C.hold_share(C.LADDER, 8192)
     for rung, h in zip(C.LADDER, held):
-        assert {k: v for k, v in h.items() if k != "block_share"} == rung
+        assert {k: v for k, v in h.items() if k != "block_share"} == {k: v for k, v in rung.items() if k != "block_share"}
         assert math.ceil(h["block_share"] * 512) <= rung["top_blocks"]            # 8k: 512 blocks of 16
         assert rung["top_blocks"] * 2 - 1 <= math.ceil(h["block_share"] * 1024) <= rung["top_blocks"] * 2
     assert [h["block_share"] for h in C.hold_share([C.LADDER[-1]], 512)] == [1.0]   # 320 blocks of a 32-block context
