@@ -313,3 +313,16 @@ def test_eval_refuses_a_text_file_shorter_than_the_length(patched_build, bundled
     assert not out.exists()
     proc = run_cli("eval", "--lengths", "256", "--tasks", "none", "--text-file", tmp_path / "absent.txt", timeout=120)
     assert_one_line_error(proc, "absent.txt", "no such file")
+
+
+def test_eval_runs_the_tasks_alone_with_classes_none(patched_build, bundled_model, tmp_path):
+    out = tmp_path / "eval.json"
+    proc = run_command("eval", "--classes", "none", "--lengths", "256", "--tasks", "passkey", "--depths", "0.5",
+                       "--trials", "1", "-n", "6", "--threads", "1", "--variant", "min_n_kv=100000", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["documents"] == [] and result["texts"] == [] and result["rounding_floor"] == []
+    (row,) = result["task_summary"]
+    assert (row["task"], row["length"], row["n"]) == ("passkey", 256, 1)
+    proc = run_cli("eval", "--classes", "none", "--lengths", "256", "--tasks", "none", "--out", out, timeout=120)
+    assert_one_line_error(proc, "nothing to evaluate", "--tasks")

@@ -142,5 +142,6 @@ def test_text_file_is_scored_as_written_or_refused_when_short(tmp_path):
 def test_classes_argument():
     assert D.check_classes("all") == list(S.CLASSES)
     assert D.check_classes("code, prose") == ["code", "prose"]
+    assert D.check_classes("none") == []
     with pytest.raises(ValueError, match="unknown class poetry"):
         D.check_classes("prose,poetry")

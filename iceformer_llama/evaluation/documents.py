@@ -182,11 +182,13 @@ def text_file_documents(llm, paths, n_tokens: int) -> list[Document]:
 
 
 def check_classes(text: str) -> list[str]:
-    """--classes: comma-separated classes, or all."""
+    """--classes: comma-separated classes, all, or none (no catalogue document: tasks or --text-file only)."""
     wanted = [c.strip() for c in text.split(",") if c.strip()]
     if wanted == ["all"]:
         return list(CLASSES)
+    if wanted == ["none"]:
+        return []
     unknown = [c for c in wanted if c not in CLASSES]
     if unknown or not wanted:
-        raise ValueError(f"unknown class {','.join(unknown) or repr(text)}: choose from {', '.join(CLASSES)} or all")
+        raise ValueError(f"unknown class {','.join(unknown) or repr(text)}: choose from {', '.join(CLASSES)}, all or none")
     return wanted

@@ -11,6 +11,10 @@ def _f(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
 
+def _times(x):
+    return "-" if x is None else f"{x:.2f}x"
+
+
 def _pct(x):
     return "-" if x is None else f"{100 * x:+.2f}%"
 
@@ -104,7 +108,7 @@ def format_report(result: dict) -> str:
     parts.append("\nsummary")
     parts.append(_table(("setting", "top-1", "KL", "prefill tok/s", "speed-up", *tasks),
                         [(s["mode"], _f(s["top1_agreement"]), _f(s["mean_kl"], ".4f"),
-                          _f(s["prefill_tokens_per_second"], ".1f"), _f(s["prefill_speedup"], ".2f") + "x",
+                          _f(s["prefill_tokens_per_second"], ".1f"), _times(s["prefill_speedup"]),
                           *(_f(s["tasks"].get(t), ".2f") for t in tasks)) for s in result["summary"]]))
     return "\n".join(parts)
 

@@ -177,8 +177,10 @@ def overall_summary(docs: list[dict], records: list[dict], labels: list[str]) ->
 
     tokens = sum(d["n_tokens"] for d in docs if d["variant"] == (labels[0] if labels else None))
     dense_s = sum(d["prefill_seconds_dense"] for d in docs if d["variant"] == (labels[0] if labels else None))
-    out = [{"mode": "dense", "top1_agreement": 1.0, "mean_kl": 0.0,
-            "prefill_tokens_per_second": tokens / dense_s if dense_s else None, "prefill_speedup": 1.0,
+    scored = bool(docs)   # with the tasks alone there is no agreement or speed-up to state
+    out = [{"mode": "dense", "top1_agreement": 1.0 if scored else None, "mean_kl": 0.0 if scored else None,
+            "prefill_tokens_per_second": tokens / dense_s if dense_s else None,
+            "prefill_speedup": 1.0 if scored else None,
             "tasks": tasks_for("dense")}]
     for label in labels:
         mine = [d for d in docs if d["variant"] == label]
@@ -319,15 +321,17 @@ def cmd_eval(args) -> int:
     model = str(resolve_model(args.model))
     info = check_gguf(model)
     cap = info.context_length or 1 << 30
-    lengths = [n for n in args.lengths if n <= cap]
+    if args.classes is None:
+        args.classes = [] if args.text_file else list(CLASSES)
+    # --classes none with no --text-file: no document to score, the tasks alone
+    lengths = [n for n in args.lengths if n <= cap] if args.classes or args.text_file else []
     task_lengths = [n for n in (args.task_lengths or args.lengths) if n <= cap]
     tasks = [] if args.tasks == ["none"] else args.tasks
     if set(tasks) - set(TASKS):
         raise UsageError(f"unknown task in --tasks {','.join(tasks)}: choose from {', '.join(TASKS)} or none")
     if not lengths and not (tasks and task_lengths):
-        raise UsageError(f"nothing to evaluate within the model's trained context ({info.context_length} tokens)")
-    if args.classes is None:
-        args.classes = [] if args.text_file else list(CLASSES)
+        raise UsageError("nothing to evaluate: no document (--classes, --text-file) or task (--tasks) within the "
+                         f"model's trained context ({info.context_length} tokens)")
     for path in args.text_file or []:
         read_text_file(path)
     try:
@@ -437,7 +441,7 @@ def register(subparsers) -> None:
                    help=f"document lengths in tokens (default {','.join(map(str, DEFAULT_LENGTHS))}); "
                         "capped at the trained context")
     p.add_argument("--classes", type=_classes, default=None, metavar="CLASS,...",
-                   help=f"document classes: {','.join(CLASSES)} or all (default all; none with --text-file)")
+                   help=f"document classes: {','.join(CLASSES)}, all or none (default all; none with --text-file)")
     p.add_argument("--docs", choices=SPLITS + ("all",), default="report",
                    help="which documents of each class: the tune set (to choose settings on), the report set "
                         "(to report them on) or all (default report)")
