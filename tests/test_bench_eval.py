@@ -230,7 +230,8 @@ def eval_result(patched_build, bundled_model, tmp_path_factory):
     proc = run_command("eval", "--lengths", "512", "--score-from", "0", "--classes", "prose", "--docs-per-class", "1",
                        "--task-lengths", "256", "--depths", "0.5",
                        "--trials", "1", "-n", "6", "--threads", "1", "--seed", "3",
-                       "--variant", f"dense_layers={all_layers}", "--variant", "min_n_kv=100000", "--out", out)
+                       "--variant", f"dense_layers={all_layers}", "--variant", "min_n_kv=100000",
+                       "--variant", "min_n_kv=0,top_blocks=8", "--out", out)
     assert proc.returncode == 0, proc.stderr
     return json.loads(out.read_text()), out, proc.stdout
 
@@ -270,7 +271,7 @@ def test_eval_runs_the_retrieval_tasks(eval_result):
     for rec in result["task_records"]:
         assert set(rec["results"]) == {"dense", *(v["label"] for v in result["variants"])}
     modes = [s["mode"] for s in result["summary"]]
-    assert modes[0] == "dense" and len(modes) == 3
+    assert modes[0] == "dense" and len(modes) == 4
 
 
 def test_eval_reports_each_document_beside_the_floor(eval_result):
@@ -286,6 +287,11 @@ def test_eval_reports_each_document_beside_the_floor(eval_result):
         assert doc["ppl_vs_dense"] == pytest.approx(doc["ppl_iceformer"] / doc["ppl_dense"] - 1)
     exact = next(d for d in result["documents"] if d["variant"].startswith("dense_layers="))
     assert exact["within_target"] is True
+    # the kernel's state beside the KV cache: none with every layer dense, some (a fraction) when it indexes
+    assert exact["state_vs_kv_cache"] == 0
+    assert next(d for d in result["documents"] if d["variant"] == "min_n_kv=100000")["state_vs_kv_cache"] == 0
+    indexed = next(d for d in result["documents"] if d["variant"] == "min_n_kv=0,top_blocks=8")
+    assert 0 < indexed["state_vs_kv_cache"] < 1   # 512 tokens: per-thread scratch weighs more than at 8k+ (34% here)
     assert {r["class"] for r in result["class_summary"]} == {"all"}
     assert "top-1 (floor)" in stdout and "ppl vs dense (floor)" in stdout and text["document"] in stdout
 

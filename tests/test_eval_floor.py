@@ -32,6 +32,12 @@ class FixedModel:
         self.calls = getattr(self, "calls", 0) + 1
         return {"n_rows": self.calls, "n_attended": 50 * self.calls, "n_visible": 100 * self.calls}
 
+    def iceformer_memory(self):
+        return 100
+
+    def kv_cache_bytes(self):
+        return 800
+
 
 def fixed_scored_logits(llm, tokens, first, *, sink=None):
     assert (list(tokens), first) == (TOKENS, 1)
@@ -97,6 +103,8 @@ def test_class_summary_and_table(result):
     assert rows["same"]["class"] == "all" and rows["same"]["within_target"] == 1 and rows["same"]["judged"] == 1
     assert rows["worse"]["top1_minus_floor_min"] == 0.0 and rows["worse"]["within_target"] == 0
     assert rows["same"]["keys_attended_share"] == 0.5    # the counts' delta over the setting's prefill
+    same = next(d for d in result["documents"] if d["variant"] == "same")
+    assert same["state_vs_kv_cache"] == 0.125    # the kernel's state over the KV cache's bytes
     text = format_report(result)
     for column in ("top-1 (floor)", "KL (floor)", "ppl vs dense (floor)", "keys attended", "within target", "floor top-1", "ppl dense"):
         assert column in text

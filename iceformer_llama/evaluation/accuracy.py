@@ -26,6 +26,7 @@ class RowStats:
     """Running top-1 agreement, KL(ref || other) and both NLLs over aligned logit rows."""
 
     keys_share: float | None = None   # compare(): the share of visible keys attended
+    state_vs_kv: float | None = None  # compare(): the kernel's state / the KV cache, bytes
 
     def __init__(self):
         self.n = 0
@@ -96,11 +97,14 @@ def against(llm, tokens, first: int, reference: np.ndarray) -> tuple[RowStats, f
 
 def compare(llm, tokens, settings, reference, *, first: int) -> tuple[RowStats, float]:
     """IceFormer (with `settings`) against dense rows on the same tokens: (stats, prefill seconds).
-    stats.keys_share: the share of visible keys the kernel attended over the prefill (its cost in keys)."""
+    stats.keys_share: the share of visible keys the kernel attended over the prefill (its cost in keys);
+    stats.state_vs_kv: the kernel's state in bytes over the KV cache's, after the prefill."""
     llm.set_attention("iceformer", settings)
     before = llm.attention_counts()
     stats, seconds = against(llm, tokens, first, reference)
     after = llm.attention_counts()
     visible = after["n_visible"] - before["n_visible"]
     stats.keys_share = (after["n_attended"] - before["n_attended"]) / visible if visible else None
+    kv = llm.kv_cache_bytes()   # the kernel's state beside the KV cache it indexes, both over the whole prompt
+    stats.state_vs_kv = llm.iceformer_memory() / kv if kv else None
     return stats, seconds

@@ -70,11 +70,12 @@ def format_documents(result: dict) -> str:
              _pair(d["top1_agreement"], (d["floor"] or {}).get("top1_agreement"), _f),
              _pair(d["mean_kl"], (d["floor"] or {}).get("mean_kl"), lambda x: _f(x, ".4f")),
              _pair(d["ppl_vs_dense"], (d["floor"] or {}).get("ppl_vs_dense"), _pct),
-             _pct0(d.get("keys_attended_share")), _yes(d["within_target"]), _f(_speedup(d), ".2f") + "x")
+             _pct0(d.get("keys_attended_share")), _pct0(d.get("state_vs_kv_cache")), _yes(d["within_target"]),
+             _times(_speedup(d)))
             for d in result["documents"]]
     return "\n".join([f"\neach setting against dense, the floor's figure in brackets; {target}", _table(
         ("length", "class", "document", "setting", "top-1 (floor)", "KL (floor)", "ppl vs dense (floor)",
-         "keys attended", "within target", "speed-up"), rows)])
+         "keys attended", "state / KV cache", "within target", "speed-up"), rows)])
 
 
 def format_classes(result: dict) -> str:

@@ -36,7 +36,7 @@ def document_record(label: str, doc: dict, first: int, stats, dense_seconds: flo
     return {"variant": label, **doc, "first_position": first, "top1_agreement": stats.top1,
             "mean_kl": stats.mean_kl, "ppl_dense": stats.ppl_ref, "ppl_iceformer": stats.ppl_other,
             "ppl_vs_dense": ppl_vs, "prefill_seconds_dense": dense_seconds, "prefill_seconds_iceformer": ice_seconds,
-            "keys_attended_share": stats.keys_share,
+            "keys_attended_share": stats.keys_share, "state_vs_kv_cache": stats.state_vs_kv,
             "floor": floor, "within_target": within_target(stats.top1, ppl_vs, floor)}
 
 

@@ -104,6 +104,11 @@ class Llama:
         """Bytes held by the IceFormer kernel state of this context."""
         return backend.iceformer_api().memory(self._llm.ctx) if self.backend == "patched" else 0
 
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the KV cache that sequence 0 fills now: llama.cpp's own count (the size of its saved
+        state, the cells in use, not the cache allocated), what iceformer_memory() is measured against."""
+        return int(backend.load().llama_state_seq_get_size(self._llm.ctx, 0))
+
     # -- the llama_cpp.Llama surface --------------------------------------------------------
     def n_ctx(self) -> int:
         """Usable context: llama.cpp may round its context up, llama_cpp's buffers keep the size asked for."""
