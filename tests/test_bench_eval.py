@@ -291,7 +291,8 @@ def test_eval_reports_each_document_beside_the_floor(eval_result):
     assert exact["state_vs_kv_cache"] == 0
     assert next(d for d in result["documents"] if d["variant"] == "min_n_kv=100000")["state_vs_kv_cache"] == 0
     indexed = next(d for d in result["documents"] if d["variant"] == "min_n_kv=0,top_blocks=8")
-    assert 0 < indexed["state_vs_kv_cache"] < 1   # 512 tokens: per-thread scratch weighs more than at 8k+ (34% here)
+    # issue 21 bounds it at 25%; 512 tokens is where the fixed part weighs most (34% with scratch per layer)
+    assert 0 < indexed["state_vs_kv_cache"] < 0.25
     assert {r["class"] for r in result["class_summary"]} == {"all"}
     assert "top-1 (floor)" in stdout and "ppl vs dense (floor)" in stdout and text["document"] in stdout
 

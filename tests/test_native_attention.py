@@ -260,3 +260,38 @@ def test_block_search_matches_reference(keys, mk, n_tok, gqa, group):
         top_k=0, top_blocks=n_sel - 2, block_size=B, n_sinks=4, window=16, min_n_kv=0, tail_estimate=False,
         group_blocks=group, block_share=0.0))
     assert nmse(fewer, ref) > 1e-6
+
+
+def test_layers_sharing_one_scratch():
+    """States that borrow one scratch (the patch's layers) answer exactly as states with their own, whatever
+    ran on the scratch before (other shapes, other searches, other thread counts), count only their own
+    rows, and hold less together than they did apart."""
+    layers = [
+        (native.AttnParams.default(top_k=0, top_blocks=12, window=32, min_n_kv=0), (1500, 7, 64, 3, "causal", "f16")),
+        (native.AttnParams.default(top_k=24, min_n_kv=0), (900, 32, 128, 2, "two_seq", "f32")),
+        (native.AttnParams.default(top_k=0, top_blocks=8, tail_estimate=True, min_n_kv=0), (2100, 1, 64, 8, "causal", "f16")),
+        (native.AttnParams.default(top_k=0, top_blocks=6, group_blocks=True, block_share=0.5, min_n_kv=0),
+         (700, 9, 96, 3, "random", "f16")),
+    ]
+    data = [_data(*shape, seed=40 + i) for i, (_, shape) in enumerate(layers)]
+    with native.AttentionScratch() as scratch:
+        shared = [native.AttentionState(p, scratch=scratch) for p, _ in layers]
+        own = [native.AttentionState(p) for p, _ in layers]
+        for rnd in range(3):
+            n_threads = (1, 2, 3)[rnd]
+            for st_shared, st_own, (q, k, v, mask, scale) in zip(shared, own, data):
+                a = native.attention(q, k, v, mask, scale, state=st_shared, n_threads=n_threads, concurrent=True)
+                b = native.attention(q, k, v, mask, scale, state=st_own, n_threads=n_threads, concurrent=True)
+                assert np.abs(a).sum() > 0
+                assert np.array_equal(a, b)
+        for st_shared, st_own in zip(shared, own):
+            assert st_shared.counts() == st_own.counts() and st_own.counts()["n_rows"] > 0
+        apart = sum(st.memory() for st in own)
+        together = sum(st.memory() for st in shared) + scratch.memory()
+        assert scratch.memory() > 0 and together < apart
+        with pytest.raises(ValueError, match="still used by 4"):
+            scratch.close()
+        for st in shared + own:
+            st.close()
+    with pytest.raises(ValueError, match="closed"):
+        scratch.memory()

@@ -251,15 +251,60 @@ def _view(arr: np.ndarray, ndim: int, name: str, dtypes) -> tuple:
     return v, arr
 
 
-class AttentionState:
-    """One layer's ice_attn_state (indices, summaries, scratch), reusable across calls."""
+class AttentionScratch:
+    """An ice_attn_scratch: per-thread working memory that the states of several layers can share
+    (they must not run at the same time). Closed only once no open state borrows it."""
 
-    def __init__(self, params: AttnParams | None = None):
-        self.params = params or AttnParams.default()
-        out = ffi.new("struct ice_attn_state **")
-        # enum ice_status ice_attn_state_init(const struct ice_attn_params *, struct ice_attn_state ** out);
-        _check(lib.ice_attn_state_init(self.params._to_c(), out), "ice_attn_state_init")
+    def __init__(self):
+        out = ffi.new("struct ice_attn_scratch **")
+        # enum ice_status ice_attn_scratch_init(struct ice_attn_scratch ** out);
+        _check(lib.ice_attn_scratch_init(out), "ice_attn_scratch_init")
         self._ptr = out[0]
+        self._borrowers = 0
+
+    def _handle(self):
+        if self._ptr is None:
+            raise ValueError("the attention scratch is closed")
+        return self._ptr
+
+    def memory(self) -> int:
+        # size_t ice_attn_scratch_memory(const struct ice_attn_scratch * scratch);
+        return int(lib.ice_attn_scratch_memory(self._handle()))
+
+    def close(self) -> None:
+        if getattr(self, "_borrowers", 0):
+            raise ValueError(f"the attention scratch is still used by {self._borrowers} open state(s)")
+        ptr, self._ptr = getattr(self, "_ptr", None), None
+        if ptr is not None:
+            # void ice_attn_scratch_free(struct ice_attn_scratch * scratch);
+            lib.ice_attn_scratch_free(ptr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+class AttentionState:
+    """One layer's ice_attn_state (indices, summaries, and scratch of its own or a shared
+    AttentionScratch), reusable across calls."""
+
+    def __init__(self, params: AttnParams | None = None, scratch: AttentionScratch | None = None):
+        self.params = params or AttnParams.default()
+        self._scratch = None
+        out = ffi.new("struct ice_attn_state **")
+        # enum ice_status ice_attn_state_init_shared(const struct ice_attn_params *, struct ice_attn_scratch *,
+        #                                            struct ice_attn_state ** out);
+        c_scratch = scratch._handle() if scratch is not None else ffi.NULL
+        _check(lib.ice_attn_state_init_shared(self.params._to_c(), c_scratch, out), "ice_attn_state_init_shared")
+        self._ptr = out[0]
+        if scratch is not None:
+            self._scratch = scratch   # kept alive (and open) while this state is
+            scratch._borrowers += 1
 
     def set_params(self, params: AttnParams) -> None:
         # enum ice_status ice_attn_state_set_params(struct ice_attn_state *, const struct ice_attn_params *);
@@ -287,6 +332,9 @@ class AttentionState:
         if ptr is not None:
             # void ice_attn_state_free(struct ice_attn_state * state);
             lib.ice_attn_state_free(ptr)
+            scratch, self._scratch = self._scratch, None
+            if scratch is not None:
+                scratch._borrowers -= 1
 
     def __enter__(self):
         return self

@@ -32,11 +32,13 @@
 //
 // Usage of the attention op (what the llama.cpp patch does per layer):
 //   struct ice_attn_params ap = ice_attn_default_params();
-//   struct ice_attn_state * st;  ice_attn_state_init(&ap, &st);   // once per layer
+//   struct ice_attn_scratch * sc; ice_attn_scratch_init(&sc);     // once: the layers' working memory
+//   struct ice_attn_state * st;  ice_attn_state_init_shared(&ap, sc, &st);   // once per layer
 //   // per graph evaluation, two ops in order (ggml runs them on its threads):
 //   ice_attn_prepare(st, &io, ith, nth);   // builds (or, persistent, updates) per-KV-head summaries/indices
 //   ice_attn_forward(st, &io, ith, nth);   // answers every (query row, head)
-//   ice_attn_state_free(st);
+//   ice_attn_state_free(st);   // every state, then
+//   ice_attn_scratch_free(sc);
 //
 // Status codes, never global error state; ice_status_str() names each code.
 
@@ -223,10 +225,23 @@ struct ice_attn_io {
     uint64_t        epoch_after;
 };
 
-struct ice_attn_state;  // opaque: per-layer indices, block summaries, scratch
+struct ice_attn_state;    // opaque: per-layer indices and block summaries (and scratch, unless shared)
+struct ice_attn_scratch;  // opaque: per-thread working memory of prepare and forward
 
-// Creates the per-layer state. Owned by the caller; release with ice_attn_state_free.
+// Working memory that the states of several layers can share. Its size follows the context and the
+// thread count, not the layer count: one per layer would cost more than the summaries it serves.
+// States sharing one scratch must never run prepare or forward at the same time (the layers of one
+// llama.cpp graph run one node after another), and the scratch must outlive them.
+enum ice_status ice_attn_scratch_init(struct ice_attn_scratch ** out);
+// Bytes held by the scratch.
+size_t ice_attn_scratch_memory(const struct ice_attn_scratch * scratch);
+void ice_attn_scratch_free(struct ice_attn_scratch * scratch);
+
+// Creates the per-layer state with scratch of its own. Owned by the caller; release with ice_attn_state_free.
 enum ice_status ice_attn_state_init(const struct ice_attn_params * params, struct ice_attn_state ** out);
+// The same, borrowing `scratch` (NULL: scratch of its own, as ice_attn_state_init).
+enum ice_status ice_attn_state_init_shared(const struct ice_attn_params * params, struct ice_attn_scratch * scratch,
+        struct ice_attn_state ** out);
 
 // Replaces the parameters (between evaluations only).
 enum ice_status ice_attn_state_set_params(struct ice_attn_state * state, const struct ice_attn_params * params);
@@ -248,7 +263,8 @@ enum ice_status ice_attn_forward(struct ice_attn_state * state, const struct ice
 // and for rows below min_n_kv). Needs no state.
 enum ice_status ice_attn_dense(const struct ice_attn_io * io, int ith, int nth);
 
-// Bytes held by the state (indices, summaries, scratch).
+// Bytes held by the state: indices, summaries, and its scratch unless borrowed (count a shared scratch
+// once, with ice_attn_scratch_memory).
 size_t ice_attn_state_memory(const struct ice_attn_state * state);
 
 // What forward attended, summed over its calls since the state was created: the cost of a setting

@@ -24,17 +24,31 @@ static enum ice_status check_params(const struct ice_attn_params * p) {
     return ICE_STATUS_OK;
 }
 
-enum ice_status ice_attn_state_init(const struct ice_attn_params * params, struct ice_attn_state ** out) {
+enum ice_status ice_attn_scratch_init(struct ice_attn_scratch ** out) {
+    if (!out) return ICE_STATUS_INVALID_ARG;
+    *out = calloc(1, sizeof **out);
+    return *out ? ICE_STATUS_OK : ICE_STATUS_NO_MEMORY;
+}
+
+enum ice_status ice_attn_state_init_shared(const struct ice_attn_params * params, struct ice_attn_scratch * scratch,
+        struct ice_attn_state ** out) {
     if (!out) return ICE_STATUS_INVALID_ARG;
     *out = NULL;
     enum ice_status st = check_params(params);
     if (st != ICE_STATUS_OK) return st;
     struct ice_attn_state * s = calloc(1, sizeof *s);
     if (!s) return ICE_STATUS_NO_MEMORY;
+    s->own_scratch = scratch == NULL;
+    if (s->own_scratch && ice_attn_scratch_init(&scratch) != ICE_STATUS_OK) { free(s); return ICE_STATUS_NO_MEMORY; }
     ice_tail_init_tables();
     s->p = *params;
+    s->scratch = scratch;
     *out = s;
     return ICE_STATUS_OK;
+}
+
+enum ice_status ice_attn_state_init(const struct ice_attn_params * params, struct ice_attn_state ** out) {
+    return ice_attn_state_init_shared(params, NULL, out);
 }
 
 enum ice_status ice_attn_state_set_params(struct ice_attn_state * state, const struct ice_attn_params * params) {
@@ -62,10 +76,16 @@ static void thread_free(struct ice_thread * t) {
     free(t);
 }
 
+void ice_attn_scratch_free(struct ice_attn_scratch * scratch) {
+    if (!scratch) return;
+    for (int i = 0; i < ICE_MAX_THREADS; i++) thread_free(scratch->threads[i]);
+    free(scratch);
+}
+
 void ice_attn_state_free(struct ice_attn_state * state) {
     if (!state) return;
     for (int i = 0; i < ICE_MAX_HEADS; i++) head_free(state->heads[i]);
-    for (int i = 0; i < ICE_MAX_THREADS; i++) thread_free(state->threads[i]);
+    if (state->own_scratch) ice_attn_scratch_free(state->scratch);
     free(state);
 }
 
@@ -77,8 +97,14 @@ size_t ice_attn_state_memory(const struct ice_attn_state * state) {
         if (!h) continue;
         b += sizeof *h + h->bcount_cap + h->rmean_cap + h->rvar_cap + h->bk_cap + h->bv_cap + ice_dci_memory(&h->dci);
     }
+    return b + (state->own_scratch ? ice_attn_scratch_memory(state->scratch) : 0);
+}
+
+size_t ice_attn_scratch_memory(const struct ice_attn_scratch * scratch) {
+    if (!scratch) return 0;
+    size_t b = sizeof *scratch;
     for (int i = 0; i < ICE_MAX_THREADS; i++) {
-        const struct ice_thread * t = state->threads[i];
+        const struct ice_thread * t = scratch->threads[i];
         if (!t) continue;
         b += sizeof *t + t->dci.cnt_cap + t->dci.cand_cap + t->dci.touched_cap + t->dci.qn_cap +
              t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->qk_cap + t->bcov_cap + t->bkey_cap + t->bmass_cap + t->gq_cap + t->bqk_cap + t->q2_cap + t->bsp_cap + t->partial_cap + t->uni_cap + t->stamp_cap +
@@ -91,28 +117,27 @@ size_t ice_attn_state_memory(const struct ice_attn_state * state) {
 
 enum ice_status ice_attn_state_counts(const struct ice_attn_state * state, struct ice_attn_counts * out) {
     if (!state || !out) return ICE_STATUS_INVALID_ARG;
-    memset(out, 0, sizeof *out);
-    for (int i = 0; i < ICE_MAX_THREADS; i++) {
-        const struct ice_thread * t = state->threads[i];
-        if (!t) continue;
-        out->n_rows += t->cnt.n_rows; out->n_attended += t->cnt.n_attended; out->n_visible += t->cnt.n_visible;
-    }
+    out->n_rows     = __atomic_load_n(&state->cnt.n_rows, __ATOMIC_RELAXED);
+    out->n_attended = __atomic_load_n(&state->cnt.n_attended, __ATOMIC_RELAXED);
+    out->n_visible  = __atomic_load_n(&state->cnt.n_visible, __ATOMIC_RELAXED);
     return ICE_STATUS_OK;
 }
 
 // Counts the current row's cells (th->cells, th->n_vis) for `heads` query heads.
 static void count_row(struct ice_thread * th, int64_t heads) {
-    th->cnt.n_rows += heads;
-    th->cnt.n_attended += heads * th->n_cells;
-    th->cnt.n_visible += heads * th->n_vis;
+    // shared by the threads: three adds per group row, beside the hundreds of keys the row attends
+    __atomic_fetch_add(&th->cnt->n_rows, heads, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&th->cnt->n_attended, heads * th->n_cells, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&th->cnt->n_visible, heads * th->n_vis, __ATOMIC_RELAXED);
 }
 
 static struct ice_thread * get_thread(struct ice_attn_state * st, int ith) {
-    if (!st->threads[ith]) {
-        st->threads[ith] = calloc(1, sizeof(struct ice_thread));
-        if (st->threads[ith]) st->threads[ith]->vis_t = -1;
+    struct ice_thread ** t = &st->scratch->threads[ith];
+    if (!*t) {
+        *t = calloc(1, sizeof(struct ice_thread));
+        if (*t) (*t)->vis_t = -1;
     }
-    return st->threads[ith];
+    return *t;
 }
 
 static struct ice_head * head_of(const struct ice_attn_state * st, const struct ice_dims * dm, int64_t s, int64_t hk) {
@@ -388,9 +413,9 @@ static enum ice_status merge_halves(const struct ice_half * a, const struct ice_
 // merges both (halves in their fixed order, so the result is the same whichever thread merges).
 static enum ice_status join_halves(struct ice_attn_state * st, int64_t slot, struct ice_half * mine, int which,
         const struct ice_attn_io * io, int64_t s, int64_t t, int64_t g0, int64_t na, int64_t dv) {
-    struct ice_half * other = __atomic_exchange_n(&st->join[slot], mine, __ATOMIC_ACQ_REL);
+    struct ice_half * other = __atomic_exchange_n(&st->scratch->join[slot], mine, __ATOMIC_ACQ_REL);
     if (!other) return mine->status;   // the other thread merges
-    __atomic_store_n(&st->join[slot], (struct ice_half *)NULL, __ATOMIC_RELAXED);
+    __atomic_store_n(&st->scratch->join[slot], (struct ice_half *)NULL, __ATOMIC_RELAXED);
     return which ? merge_halves(other, mine, io, s, t, g0, na, dv) : merge_halves(mine, other, io, s, t, g0, na, dv);
 }
 
@@ -615,8 +640,9 @@ enum ice_status ice_attn_forward(struct ice_attn_state * st, const struct ice_at
         }
         return ICE_STATUS_NO_MEMORY;
     }
-    th->vis_mask = NULL;
+    th->vis_mask = NULL;   // the scratch may have served another layer's state since: nothing carries over
     th->fwd_gen++;
+    th->cnt = &st->cnt;
     struct ice_half * pending;
     if (n_st >= nth) {
         // (stream, token) units round-robin, all heads of a unit on one thread

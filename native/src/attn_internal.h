@@ -73,7 +73,7 @@ struct ice_thread {
     int32_t * bcov;     size_t bcov_cap;     // coarse search: union cells per block (zero between rows)
     uint32_t * bkey;    size_t bkey_cap;     // coarse search: per-block scores as ordered keys, then scratch
     float    * bmass;   size_t bmass_cap;    // top-p budget: estimated mass per head and block, then needs
-    struct ice_attn_counts cnt;              // rows answered and cells attended by this thread (since init)
+    struct ice_attn_counts * cnt;            // the counts of the state this forward call runs (set per call)
     // block scores of a run of query heads of one GQA group (ice_block_scores), for rows (run_s, run_t)
     // and heads run_h0..run_h1 of KV head run_hk, valid while run_gen == fwd_gen
     float   * gq;       size_t gq_cap;       // the run's query rows
@@ -102,13 +102,22 @@ struct ice_thread {
     uint8_t * stat;     size_t stat_cap;     // cells whose keys set the DCI embedding's mean and M
 };
 
-struct ice_attn_state {
-    struct ice_attn_params p;
-    struct ice_head   * heads[ICE_MAX_HEADS];
+// Working memory of prepare and forward, per thread; nothing in it outlives one call, so the states of
+// layers that never run at once (one graph's nodes) can share one and keep one copy instead of one per
+// layer: it is sized by the context and the thread count, and per layer it outgrew the summaries.
+struct ice_attn_scratch {
     struct ice_thread * threads[ICE_MAX_THREADS];
     // forward: slot j joins the two halves of the group split between thread j (its second half) and the
     // thread before it (atomic exchange; NULL between forward calls)
     struct ice_half   * join[ICE_MAX_THREADS];
+};
+
+struct ice_attn_state {
+    struct ice_attn_params p;
+    struct ice_head   * heads[ICE_MAX_HEADS];
+    struct ice_attn_scratch * scratch;       // owned, or borrowed (ice_attn_state_init_shared)
+    bool   own_scratch;
+    struct ice_attn_counts cnt;              // rows answered and cells attended (since init; atomic adds)
 };
 
 // Validates io; fills the common sizes.

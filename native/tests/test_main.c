@@ -89,6 +89,20 @@ static void test_attention(bool exact, bool tail) {
     for (int i = 0; i < D * H * T * S; i++) CHECK(isfinite(o1[i]) && isfinite(od[i]));
     CHECK(ice_attn_state_memory(st) > 0);
     CHECK(ice_attn_forward(st, &io, 3, 3) == ICE_STATUS_INVALID_ARG);
+    // two states borrowing one scratch (one after the other, as a graph's layers) answer as st did
+    struct ice_attn_scratch * sc;
+    struct ice_attn_state * sh[2];
+    CHECK(ice_attn_scratch_init(&sc) == ICE_STATUS_OK);
+    io.out.data = o3;
+    for (int j = 0; j < 2; j++) {
+        CHECK(ice_attn_state_init_shared(&ap, sc, &sh[j]) == ICE_STATUS_OK);
+        for (int i = 0; i < 2; i++) CHECK(ice_attn_prepare(sh[j], &io, i, 2) == ICE_STATUS_OK);
+        for (int i = 0; i < 2; i++) CHECK(ice_attn_forward(sh[j], &io, i, 2) == ICE_STATUS_OK);
+        CHECK(memcmp(o1, o3, sizeof(float) * D * H * T * S) == 0);
+    }
+    CHECK(ice_attn_scratch_memory(sc) > 0 && ice_attn_state_memory(sh[0]) < ice_attn_state_memory(st));
+    for (int j = 0; j < 2; j++) ice_attn_state_free(sh[j]);
+    ice_attn_scratch_free(sc);
     // persistence: decode-like updates, each rewriting one cell in place (a reused cell) and naming it
     // in `written` with a new cache version; one key far beyond the embedding bound (DCI rebuild)
     int64_t w[1];
