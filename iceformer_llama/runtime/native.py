@@ -61,12 +61,41 @@ _KINDS = {"dci": lib.ICE_INDEX_DCI, "exact": lib.ICE_INDEX_EXACT}
 _TYPES = {np.dtype(np.float32): lib.ICE_TYPE_F32, np.dtype(np.float16): lib.ICE_TYPE_F16}
 
 
+class _Owned:
+    """Owner of one native object: freed once, by close(), at the end of a `with` block, or when collected."""
+
+    _what = "object"   # named in the error for a closed one
+
+    def _handle(self):
+        ptr = getattr(self, "_ptr", None)
+        if ptr is None:
+            raise ValueError(f"the {self._what} is closed")
+        return ptr
+
+    def _free(self, ptr) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        ptr, self._ptr = getattr(self, "_ptr", None), None
+        if ptr is not None:
+            self._free(ptr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
 # ---------------------------------------------------------------------------
 # Index
 # ---------------------------------------------------------------------------
 
 
-class Index:
+class Index(_Owned):
     """Maximum inner product index over `dim`-dimensional float32 keys.
 
     kind="dci" is Prioritized DCI (approximate), kind="exact" brute force. Budgets of 0
@@ -94,10 +123,7 @@ class Index:
         self._ptr = out[0]
         self._lock = threading.Lock()
 
-    def _handle(self):
-        if self._ptr is None:
-            raise ValueError("the index is closed")
-        return self._ptr
+    _what = "index"
 
     def add(self, keys, ids=None) -> None:
         """Adds keys (n, dim) float32; ids (n,) int64 >= 0, or None for size()..size()+n-1."""
@@ -168,20 +194,9 @@ class Index:
         # size_t ice_index_memory(const struct ice_index * index);
         return int(lib.ice_index_memory(self._handle()))
 
-    def close(self) -> None:
-        ptr, self._ptr = getattr(self, "_ptr", None), None
-        if ptr is not None:
-            # void ice_index_free(struct ice_index * index);
-            lib.ice_index_free(ptr)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
+    def _free(self, ptr) -> None:
+        # void ice_index_free(struct ice_index * index);
+        lib.ice_index_free(ptr)
 
 
 # ---------------------------------------------------------------------------
@@ -251,7 +266,7 @@ def _view(arr: np.ndarray, ndim: int, name: str, dtypes) -> tuple:
     return v, arr
 
 
-class AttentionScratch:
+class AttentionScratch(_Owned):
     """An ice_attn_scratch: per-thread working memory that the states of several layers can share
     (they must not run at the same time). Closed only once no open state borrows it."""
 
@@ -262,10 +277,7 @@ class AttentionScratch:
         self._ptr = out[0]
         self._borrowers = 0
 
-    def _handle(self):
-        if self._ptr is None:
-            raise ValueError("the attention scratch is closed")
-        return self._ptr
+    _what = "attention scratch"
 
     def memory(self) -> int:
         # size_t ice_attn_scratch_memory(const struct ice_attn_scratch * scratch);
@@ -274,22 +286,14 @@ class AttentionScratch:
     def close(self) -> None:
         if getattr(self, "_borrowers", 0):
             raise ValueError(f"the attention scratch is still used by {self._borrowers} open state(s)")
-        ptr, self._ptr = getattr(self, "_ptr", None), None
-        if ptr is not None:
-            # void ice_attn_scratch_free(struct ice_attn_scratch * scratch);
-            lib.ice_attn_scratch_free(ptr)
+        super().close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
+    def _free(self, ptr) -> None:
+        # void ice_attn_scratch_free(struct ice_attn_scratch * scratch);
+        lib.ice_attn_scratch_free(ptr)
 
 
-class AttentionState:
+class AttentionState(_Owned):
     """One layer's ice_attn_state (indices, summaries, and scratch of its own or a shared
     AttentionScratch), reusable across calls."""
 
@@ -311,10 +315,7 @@ class AttentionState:
         _check(lib.ice_attn_state_set_params(self._handle(), params._to_c()), "ice_attn_state_set_params")
         self.params = params
 
-    def _handle(self):
-        if self._ptr is None:
-            raise ValueError("the attention state is closed")
-        return self._ptr
+    _what = "attention state"
 
     def memory(self) -> int:
         # size_t ice_attn_state_memory(const struct ice_attn_state * state);
@@ -327,23 +328,12 @@ class AttentionState:
         _check(lib.ice_attn_state_counts(self._handle(), out), "ice_attn_state_counts")
         return {"n_rows": out.n_rows, "n_attended": out.n_attended, "n_visible": out.n_visible}
 
-    def close(self) -> None:
-        ptr, self._ptr = getattr(self, "_ptr", None), None
-        if ptr is not None:
-            # void ice_attn_state_free(struct ice_attn_state * state);
-            lib.ice_attn_state_free(ptr)
-            scratch, self._scratch = self._scratch, None
-            if scratch is not None:
-                scratch._borrowers -= 1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
+    def _free(self, ptr) -> None:
+        # void ice_attn_state_free(struct ice_attn_state * state);
+        lib.ice_attn_state_free(ptr)
+        scratch, self._scratch = self._scratch, None
+        if scratch is not None:
+            scratch._borrowers -= 1
 
 
 def _run_threads(fn, n_threads: int, concurrent: bool, what: str) -> None:
