@@ -18,21 +18,23 @@ import sys
 from pathlib import Path
 
 
-def int_list(text: str) -> list[int]:
+def thread_counts(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated thread counts, got {text!r}") from None
     if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"thread counts must be >= 1, got {text!r}")
     return values
 
 
 def main() -> int:
+    from iceformer_llama.evaluation.bench import parse_lengths
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="GGUF path or alias (default: the bundled model)")
-    ap.add_argument("--lengths", type=int_list, default=[8192])
-    ap.add_argument("--threads", type=int_list, default=[2])
+    ap.add_argument("--lengths", type=parse_lengths, default=[8192])
+    ap.add_argument("--threads", type=thread_counts, default=[2])
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = ap.parse_args()
 

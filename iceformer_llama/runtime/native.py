@@ -270,14 +270,14 @@ class AttentionScratch(_Owned):
     """An ice_attn_scratch: per-thread working memory that the states of several layers can share
     (they must not run at the same time). Closed only once no open state borrows it."""
 
+    _what = "attention scratch"
+
     def __init__(self):
         out = ffi.new("struct ice_attn_scratch **")
         # enum ice_status ice_attn_scratch_init(struct ice_attn_scratch ** out);
         _check(lib.ice_attn_scratch_init(out), "ice_attn_scratch_init")
         self._ptr = out[0]
         self._borrowers = 0
-
-    _what = "attention scratch"
 
     def memory(self) -> int:
         # size_t ice_attn_scratch_memory(const struct ice_attn_scratch * scratch);
