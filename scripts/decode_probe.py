@@ -38,6 +38,7 @@ def parse_setting(text: str):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("settings", nargs="+", help="dense, default, or knobs such as top_blocks=32,window=64")
+    ap.add_argument("--model", default=None, help="GGUF path (default: the bundled model)")
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("-n", "--n-predict", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
@@ -59,7 +60,7 @@ def main() -> int:
         ap.error(str(e))
     iceformer_llama.use_backend("patched")
     # the prompt is prefilled (and its state saved) with dense attention; each setting is set per round
-    llm = iceformer_llama.Llama(None, attention="dense", n_ctx=args.length + args.n_predict + 64, n_batch=512,
+    llm = iceformer_llama.Llama(args.model, attention="dense", n_ctx=args.length + args.n_predict + 64, n_batch=512,
                                 n_ubatch=512, n_threads=args.threads, n_threads_batch=args.threads, flash_attn=True)
     import llama_cpp
 

@@ -31,7 +31,7 @@ def _cases():
             continue
         kvt = "f16" if i % 2 == 0 else "f32"
         vt = (i // 2) % 3 == 0
-        search = ("exact", "dci", "blocks", "joint")[(i // 3) % 4]
+        search = ("exact", "dci", "blocks", "joint", "heads")[(i // 3) % 5]
         cover = "union" if (i // 5) % 2 == 0 else "topk"
         cases.append(pytest.param(n_kv, n_tok, hd, gqa, mk, kvt, vt, search, cover,
                                   id=f"n_kv={n_kv},n_tok={n_tok},hd={hd},gqa={gqa},mask={mk},kv={kvt},"
@@ -67,6 +67,8 @@ def _covering_params(n_kv, search, cover):
         kw.update(top_k=0, block_size=32, top_blocks=(n_kv + 31) // 32, tail_estimate=True)
     if search == "joint":    # shared blocks, no tail: each GQA group answered in one pass over its cells
         kw.update(top_k=0, block_size=32, top_blocks=(n_kv + 31) // 32, group_blocks=True)
+    if search == "heads":    # blocks chosen per head, no tail: a group's heads take turns over chunks of cells
+        kw.update(top_k=0, block_size=32, top_blocks=(n_kv + 31) // 32, group_blocks=False)
     if search == "dci":
         kw.update(visit_budget=n_kv * 8, retrieve_budget=n_kv)
     return native.AttnParams.default(**kw)
@@ -116,6 +118,19 @@ def test_noncontiguous_q():
     for mode in ("iceformer", "dense"):
         out = native.attention(qv, k, v, mask, scale, _covering_params(300, "exact", "union"), mode=mode)
         assert nmse(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("search", ["exact", "joint", "heads"])
+def test_finite_mask_values_enter_the_scores(search):
+    """A mask that holds biases where it is visible (ALiBi-style, not only 0 and -inf) adds them to the
+    scores: the kernel skips the mask term only for rows whose mask is flat."""
+    q, k, v, mask, scale = _data(700, 12, 64, 3, "causal", "f16", seed=13)
+    cells = np.arange(mask.shape[-1], dtype=np.float32)
+    biased = np.where(np.isfinite(mask), (-0.02 * (cells.max() - cells)).astype(mask.dtype), mask)
+    params = _covering_params(700, search, "union")
+    out = native.attention(q, k, v, biased, scale, params)
+    assert nmse(out, reference_attention(q, k, v, biased, scale)) < 1e-6
+    assert nmse(out, reference_attention(q, k, v, mask, scale)) > 1e-4
 
 
 def test_zero_visible_rows_are_zero():
@@ -229,19 +244,20 @@ def test_bad_io_raises():
         native.AttnParams.default(topk=3)
 
 
+@pytest.mark.parametrize("B", [32, 24])   # a power of two (cells to blocks by shifts) or not (divisions)
 @pytest.mark.parametrize("group", [True, False])
 @pytest.mark.parametrize("keys", ["structured", "tied"])
 @pytest.mark.parametrize("mk", ["causal", "two_seq"])
 @pytest.mark.parametrize("n_tok,gqa", [(8, 3), (1, 8)])
-def test_block_search_matches_reference(keys, mk, n_tok, gqa, group):
+def test_block_search_matches_reference(keys, mk, n_tok, gqa, group, B):
     """Which blocks the coarse search attends: the n_sel best by score (per head, or per GQA group with
     group_blocks), ties to the lower block. "tied" makes most blocks exact copies of one block (equal
     scores in float32 and float64 alike) beside three strong ones, so the tie rule decides the rest of
     the selection."""
-    n_kv, B, n_sel = 32 * 24 - 5, 32, 6
+    n_kv, n_sel = 32 * 24 - 5, 6
     q, k, v, mask, scale = _data(n_kv, n_tok, 64, gqa, mk, "f32", seed=21, n_head_kv=2)
     if keys == "tied":
-        base = k[:, :, 32:64].copy()
+        base = k[:, :, B:2 * B].copy()
         for b in range(1, n_kv // B):
             k[:, :, b * B:(b + 1) * B] = base
         for b, f in ((4, 3.0), (11, 2.5), (17, 2.0)):

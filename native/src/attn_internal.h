@@ -66,6 +66,7 @@ struct ice_thread {
     int32_t * partial;  size_t partial_cap;  // blocks the mask cuts for this row (0 < visible < all)
     int64_t   n_partial;
     const void * vis_mrow;                   // the mask row the visibility was computed from
+    bool      vis_flat;                      // that row holds only 0 and -inf: scores take no mask term
     enum ice_type vis_mtype;
     float   * q;        size_t q_cap;
     float   * sc;       size_t sc_cap;       // scores
@@ -84,8 +85,11 @@ struct ice_thread {
     int64_t   run_s, run_t, run_hk, run_h0, run_h1;
     int32_t * uni;      size_t uni_cap;      // union of attended cells
     float   * gqa_q;    size_t gqa_q_cap;    // the query rows of a group answered in one pass
-    float   * gsc;      size_t gsc_cap;      // their scores, one half of the cells per head
+    float   * gsc;      size_t gsc_cap;      // their scores, one half of the cells per head (or every head's cells)
+    int32_t * hcells;   size_t hcells_cap;   // a group whose heads attend their own cells: the heads' lists, in turn
+    int64_t * hoff;     size_t hoff_cap;     // head j's list at hcells + hoff[j]; then na positions of scratch
     const int32_t * cells; int64_t n_cells;  // the cells the current row attends (vis or uni)
+    int64_t   n_sink_cells, n_front_cells;   // uni: its sinks' cells, then up to n_front_cells the window's and top-k's
     uint32_t * stamp;   size_t stamp_cap;    // per cell: == gen when in the union
     uint32_t  gen;
     float   * heap_s;   size_t heap_s_cap;

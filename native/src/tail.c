@@ -159,10 +159,22 @@ static int64_t mass_blocks(const struct ice_head * h, struct ice_thread * th, in
     return ice_count_ge_u32(key, nb, t > 0 ? t : 1u);
 }
 
+// The block of cell c: a shift for blocks of 2^bsh cells (bsh >= 0), else a division (one per union cell
+// and pass, where the divisions measured a quarter of the block selection's time).
+static inline int64_t block_of(int32_t c, int64_t B, int bsh) {
+    return bsh >= 0 ? (int64_t)(c >> bsh) : c / B;
+}
+
+// Zeroes the counts of the union's blocks again (cov is all zero between calls).
+static void clear_cov(int32_t * cov, const int32_t * uni, int64_t nu, int64_t B, int bsh) {
+    for (int64_t i = 0; i < nu; i++) cov[block_of(uni[i], B, bsh)] = 0;
+}
+
 int64_t ice_block_select(const struct ice_head * h, const struct ice_kv * kv, struct ice_thread * th, int32_t n_sel,
         int32_t n_min, float top_p, float share, float scale, int64_t na, const float * q, const float * bqk,
         const float * bsp, const int32_t * uni, int64_t nu, uint32_t gen, int32_t * out) {
     const int64_t nb = h->n_blocks, B = h->B;
+    const int bsh = (B & (B - 1)) == 0 ? __builtin_ctzll((unsigned long long)B) : -1;   // blocks of 2^bsh: shifts
     if (ICE_RESERVE(&th->bcov, &th->bcov_cap, nb + 1, 2) || ICE_RESERVE(&th->bkey, &th->bkey_cap, 3 * (nb + 1) + na, 0)) return -1;
     const int32_t * bcnt = th->vis_bcnt;
     // per block, its score as an ordered key, 0 where it cannot be chosen. The optimistic score of a fully
@@ -189,9 +201,9 @@ int64_t ice_block_select(const struct ice_head * h, const struct ice_kv * kv, st
     }
     // fully visible blocks the union already covers (sinks, window, top-k) have nothing to add
     int32_t * cov = th->bcov;   // all zero between calls
-    for (int64_t i = 0; i < nu; i++) cov[uni[i] / B]++;
+    for (int64_t i = 0; i < nu; i++) cov[block_of(uni[i], B, bsh)]++;
     for (int64_t i = 0; i < nu; i++) {
-        const int64_t b = uni[i] / B;
+        const int64_t b = block_of(uni[i], B, bsh);
         if (cov[b] == h->bcount[b] && bcnt[b] == h->bcount[b] && key[b] != 0) { key[b] = 0; n_ok--; }
     }
     if (share > 0.0f) {
@@ -202,10 +214,10 @@ int64_t ice_block_select(const struct ice_head * h, const struct ice_kv * kv, st
     if (top_p > 0.0f && n_ok > 0) {
         // adaptive budget: as many blocks as the estimated mass asks for, from n_min up to n_sel
         const int64_t want = mass_blocks(h, th, na, scale, top_p, bqk, bsp, key, cov);
-        if (want < 0) { for (int64_t i = 0; i < nu; i++) cov[uni[i] / B] = 0; return -1; }
+        if (want < 0) { clear_cov(cov, uni, nu, B, bsh); return -1; }
         const int64_t lo = want > n_min ? want : n_min;
         n_sel = (int32_t)(lo < n_sel ? lo : n_sel);
-        if (n_sel == 0) { for (int64_t i = 0; i < nu; i++) cov[uni[i] / B] = 0; return 0; }
+        if (n_sel == 0) { clear_cov(cov, uni, nu, B, bsh); return 0; }
     }
     // the n_sel best (ties: lower block first), emitted in block order so the cells are read in order
     uint32_t thr = 1;       // every eligible block
@@ -218,21 +230,23 @@ int64_t ice_block_select(const struct ice_head * h, const struct ice_kv * kv, st
     int64_t added = 0;
     for (int64_t b = 0; b < nb; b++) {
         if (!(key[b] > thr || (key[b] == thr && ties-- > 0))) continue;
-        const bool cut = bcnt[b] != h->bcount[b];
+        const int32_t n_b = h->bcount[b];   // a local: out may alias bcount as far as the compiler knows
+        const bool cut = bcnt[b] != n_b;
         const int32_t c0 = (int32_t)(b * B);
         if (!cut && cov[b] == 0) {
             // fully visible and disjoint from the union: every cell, unstamped (stamps are read
             // later only for the blocks the mask cuts)
-            for (int32_t c = c0; c < c0 + h->bcount[b]; c++) out[added++] = c;
+            for (int32_t i = 0; i < n_b; i++) out[added + i] = c0 + i;
+            added += n_b;
             continue;
         }
-        for (int32_t c = c0; c < c0 + h->bcount[b]; c++) {
+        for (int32_t c = c0; c < c0 + n_b; c++) {
             if (th->stamp[c] == gen || (cut && !ice_mask_visible(th->vis_mtype, th->vis_mrow, c))) continue;
             th->stamp[c] = gen;
             out[added++] = c;
         }
     }
-    for (int64_t i = 0; i < nu; i++) cov[uni[i] / B] = 0;
+    clear_cov(cov, uni, nu, B, bsh);
     return added;
 }
 
