@@ -96,18 +96,20 @@ def test_bad_params(bad):
         native.AttentionState(_params(**bad))
 
 
-def test_counts_measure_what_was_attended():
+@pytest.mark.parametrize("group", [True, False])
+def test_counts_measure_what_was_attended(group):
     """ice_attn_state_counts: rows x heads answered, keys attended and visible. Mass in three blocks:
-    each (row, head) attends the union (4 sinks + 16 window) and three blocks of 32; dense reads all 960."""
+    each (row, head) attends the union (4 sinks + 16 window) and three blocks of 32, whether the blocks are
+    chosen per GQA group or per head (counted per group there); dense reads all 960."""
     q, k, v, mask, scale = _three_strong_blocks(3, 20.0)
-    state = native.AttentionState(_params(top_blocks=12, top_p=0.9))
+    state = native.AttentionState(_params(top_blocks=12, top_p=0.9, group_blocks=group))
     native.attention(q, k, v, mask, scale, state=state, n_threads=3)
     c = state.counts()
     n = 4 * 3   # tokens x query heads
     assert c == {"n_rows": n, "n_attended": n * (SINKS + WINDOW + 3 * B), "n_visible": n * 960}
     native.attention(q, k, v, mask, scale, state=state)   # counts add up over calls
     assert state.counts()["n_rows"] == 2 * n
-    fixed = native.AttentionState(_params(top_blocks=12))
+    fixed = native.AttentionState(_params(top_blocks=12, group_blocks=group))
     native.attention(q, k, v, mask, scale, state=fixed)
     # twelve blocks, some of which overlap the sinks or the window
     assert n * (SINKS + WINDOW + 10 * B) < fixed.counts()["n_attended"] <= n * (SINKS + WINDOW + 12 * B)

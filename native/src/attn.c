@@ -123,12 +123,17 @@ enum ice_status ice_attn_state_counts(const struct ice_attn_state * state, struc
     return ICE_STATUS_OK;
 }
 
+// Counts `rows` query rows that attend `attended` cells of `visible`, all together.
+static void count_cells(struct ice_thread * th, int64_t rows, int64_t attended, int64_t visible) {
+    // shared by the threads: three adds per group row, beside the hundreds of keys the row attends
+    __atomic_fetch_add(&th->cnt->n_rows, rows, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&th->cnt->n_attended, attended, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&th->cnt->n_visible, visible, __ATOMIC_RELAXED);
+}
+
 // Counts the current row's cells (th->cells, th->n_vis) for `heads` query heads.
 static void count_row(struct ice_thread * th, int64_t heads) {
-    // shared by the threads: three adds per group row, beside the hundreds of keys the row attends
-    __atomic_fetch_add(&th->cnt->n_rows, heads, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&th->cnt->n_attended, heads * th->n_cells, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&th->cnt->n_visible, heads * th->n_vis, __ATOMIC_RELAXED);
+    count_cells(th, heads, heads * th->n_cells, heads * th->n_vis);
 }
 
 static struct ice_thread * get_thread(struct ice_attn_state * st, int ith) {
@@ -470,18 +475,15 @@ static void order_by_chunk(const struct ice_thread * th, int shift, int64_t nch,
     } else {
         memcpy(out, cells, (size_t)n * sizeof *out);
     }
-    for (int64_t i = 1; i < n; i++) sorted &= out[i] > out[i - 1];
+    // one pass: whether it is ascending, and where each chunk starts if so
+    int64_t ch = 0;
+    for (int64_t i = 0; i < n; i++) {
+        sorted &= i == 0 || out[i] > out[i - 1];
+        const int64_t k = out[i] >> shift;
+        while (ch <= k && ch < nch) bnd[ch++] = i;
+    }
     if (sorted) {
-        bnd[0] = 0;
-        for (int64_t c = 1; c < nch; c++) {   // chunk c starts at the first cell >= c << shift
-            int64_t lo = bnd[c - 1], hi = n;
-            while (lo < hi) {
-                const int64_t mid = lo + (hi - lo) / 2;
-                if ((out[mid] >> shift) < c) lo = mid + 1; else hi = mid;
-            }
-            bnd[c] = lo;
-        }
-        bnd[nch] = n;
+        while (ch <= nch) bnd[ch++] = n;
         return;
     }
     memset(bnd, 0, (size_t)(nch + 1) * sizeof *bnd);
@@ -707,16 +709,17 @@ static enum ice_status forward_group(struct ice_attn_state * st, struct ice_thre
         if (ICE_RESERVE(&th->hoff, &th->hoff_cap, na + 1 + na * (nch + 1), 0)) {
             return group_failed(th, io, dm, s, t, g0, parts, ICE_STATUS_NO_MEMORY, pending);
         }
-        int64_t * off = th->hoff, * bnd = th->hoff + na + 1;
+        int64_t * off = th->hoff, * bnd = th->hoff + na + 1, n_cells = 0, n_vis = 0;
         off[0] = 0;
         for (int64_t j = 0; j < na; j++) {
             enum ice_status r = row_cells(st, th, io, dm, h, &kv, s, t, g0 + j, g0 + na - 1, 0);
             if (r == ICE_STATUS_OK && ICE_RESERVE(&th->hcells, &th->hcells_cap, off[j] + th->n_cells, 1)) r = ICE_STATUS_NO_MEMORY;
             if (r != ICE_STATUS_OK) return group_failed(th, io, dm, s, t, g0, parts, r, pending);
-            if (parts & ICE_HALF_0) count_row(th, 1);
+            n_cells += th->n_cells; n_vis += th->n_vis;
             order_by_chunk(th, shift, nch, bnd + j * (nch + 1), th->hcells + off[j]);
             off[j + 1] = off[j] + th->n_cells;
         }
+        if (parts & ICE_HALF_0) count_cells(th, na, n_cells, n_vis);   // once per group: the counts are shared
         if (ICE_RESERVE(&th->gqa_q, &th->gqa_q_cap, na * dk, 0) || ICE_RESERVE(&th->gsc, &th->gsc_cap, off[na] + 1, 0)) {
             return group_failed(th, io, dm, s, t, g0, parts, ICE_STATUS_NO_MEMORY, pending);
         }

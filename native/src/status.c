@@ -48,8 +48,9 @@ struct ice_attn_params ice_attn_default_params(void) {
     p.seed            = 0x1ce0f0a2d5eedULL;
     p.exact_search    = false;
     p.tail_estimate   = false;   // with the block search it bought no agreement and cost speed (README)
-    p.persistent      = true;
-    p.group_blocks    = true;    // 80 blocks per group: per-head 64's accuracy or better, each block read once (README)    // callers that pass no epochs get a rebuild per call anyway
+    p.persistent      = true;    // callers that pass no epochs get a rebuild per call anyway
+    p.group_blocks    = true;    // on copy-heavy text 80 blocks per group matched 64 per head; on natural text
+                                 // per head needs fewer keys (docs/accuracy-natural.md), not yet made the default
     return p;
 }
 
