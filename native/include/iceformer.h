@@ -253,7 +253,8 @@ enum ice_status ice_attn_prepare(struct ice_attn_state * state, const struct ice
 
 // Phase 2: writes io->out. The work is split over threads ith of nth by (token, GQA group): the query
 // heads of one KV head are answered together (in one pass over their cells when they attend the same
-// ones: group_blocks, or no block search, and no k-NN search or tail estimate). With fewer groups than
+// ones: group_blocks, or no block search, and no k-NN search or tail estimate; otherwise, without the tail
+// estimate, the heads take turns over chunks of their own cells, so a chunk is read once). With fewer groups than
 // 2*nth, a group's two halves of cells may fall to two threads, and whichever finishes second writes
 // its rows (no barrier: the threads may run concurrently or one after another, but all nth must be
 // called for each io). The output does not depend on nth.
