@@ -389,6 +389,15 @@ static void scale_scores(const struct ice_attn_io * io, const void * mrow, const
     for (int64_t i = 0; i < n; i++) sc[i] = scale * sc[i] + ice_mask_value(io->mask.type, mrow, cells[i]);
 }
 
+// The softmax statistics of one head's slice: its scores (scale_scores), their max *mx and sum of
+// exp(score - max) *sum.
+static void slice_softmax(const struct ice_attn_io * io, const void * mrow, const int32_t * cells, int64_t n,
+        float * sc, float * mx, float * sum) {
+    scale_scores(io, mrow, cells, n, sc);
+    *mx = ice_max(sc, n);
+    *sum = ice_exp_sum(sc, n, *mx);
+}
+
 // Half `which` of the softmax over cells[0..n) (the first n/2, or the rest) for the na query rows q
 // (na*d_k floats) that attend the same cells, into heads j0..j0+na-1 of hf: dot products, scores (scale *
 // q.k + mask) in sc (na*n floats, head j's at j*n), each head's max and exp-sum, and its unnormalised
@@ -404,12 +413,7 @@ static void attend_half(const struct ice_kv * kv, const struct ice_attn_io * io,
     // row loads between heads measured slower (2.86 against 2.64 ns per row and head, Zen 4); the value
     // sums do share them (1.31 against 2.33 ns)
     for (int64_t j = 0; j < na; j++) ice_kv_dots(kv, q + j * kv->d_k, cl, m, sc + j * m);
-    for (int64_t j = 0; j < na; j++) {
-        float * sj = sc + j * m;
-        scale_scores(io, mrow, cl, m, sj);
-        hf->m[j0 + j] = ice_max(sj, m);
-        hf->s[j0 + j] = ice_exp_sum(sj, m, hf->m[j0 + j]);
-    }
+    for (int64_t j = 0; j < na; j++) slice_softmax(io, mrow, cl, m, sc + j * m, &hf->m[j0 + j], &hf->s[j0 + j]);
     float * o = hf->o + j0 * dv;
     if (na == 1) ice_kv_axpys(kv, o, sc, cl, m);
     else if (kv->v_nb0 == ice_type_size(kv->vt)) ice_axpys_rows_multi(o, na, sc, kv->v, kv->v_nb1, kv->vt, cl, m, dv);
@@ -449,12 +453,7 @@ static void attend_half_heads(const struct ice_kv * kv, const struct ice_attn_io
         if (pass == 1) break;
         for (int64_t j = 0; j < na; j++) {
             const int64_t n = off[j + 1] - off[j], lo = off[j] + (which ? n / 2 : 0), m = which ? n - n / 2 : n / 2;
-            if (m == 0) continue;
-            float * sj = sc + lo;
-            const int32_t * cl = cells + lo;
-            scale_scores(io, mrow, cl, m, sj);
-            hf->m[j] = ice_max(sj, m);
-            hf->s[j] = ice_exp_sum(sj, m, hf->m[j]);
+            if (m > 0) slice_softmax(io, mrow, cells + lo, m, sc + lo, &hf->m[j], &hf->s[j]);
         }
     }
 }
@@ -709,6 +708,7 @@ static enum ice_status forward_group(struct ice_attn_state * st, struct ice_thre
         if (ICE_RESERVE(&th->hoff, &th->hoff_cap, na + 1 + na * (nch + 1), 0)) {
             return group_failed(th, io, dm, s, t, g0, parts, ICE_STATUS_NO_MEMORY, pending);
         }
+        if (ICE_RESERVE(&th->gqa_q, &th->gqa_q_cap, na * dk, 0)) return group_failed(th, io, dm, s, t, g0, parts, ICE_STATUS_NO_MEMORY, pending);
         int64_t * off = th->hoff, * bnd = th->hoff + na + 1, n_cells = 0, n_vis = 0;
         off[0] = 0;
         for (int64_t j = 0; j < na; j++) {
@@ -716,14 +716,12 @@ static enum ice_status forward_group(struct ice_attn_state * st, struct ice_thre
             if (r == ICE_STATUS_OK && ICE_RESERVE(&th->hcells, &th->hcells_cap, off[j] + th->n_cells, 1)) r = ICE_STATUS_NO_MEMORY;
             if (r != ICE_STATUS_OK) return group_failed(th, io, dm, s, t, g0, parts, r, pending);
             n_cells += th->n_cells; n_vis += th->n_vis;
+            memcpy(th->gqa_q + j * dk, th->q, (size_t)dk * sizeof(float));   // row_cells loaded head j's query
             order_by_chunk(th, shift, nch, bnd + j * (nch + 1), th->hcells + off[j]);
             off[j + 1] = off[j] + th->n_cells;
         }
         if (parts & ICE_HALF_0) count_cells(th, na, n_cells, n_vis);   // once per group: the counts are shared
-        if (ICE_RESERVE(&th->gqa_q, &th->gqa_q_cap, na * dk, 0) || ICE_RESERVE(&th->gsc, &th->gsc_cap, off[na] + 1, 0)) {
-            return group_failed(th, io, dm, s, t, g0, parts, ICE_STATUS_NO_MEMORY, pending);
-        }
-        for (int64_t j = 0; j < na; j++) ice_view_load_row(&io->q, t, g0 + j, s, th->gqa_q + j * dk);
+        if (ICE_RESERVE(&th->gsc, &th->gsc_cap, off[na] + 1, 0)) return group_failed(th, io, dm, s, t, g0, parts, ICE_STATUS_NO_MEMORY, pending);
         for (int which = 0; which < 2; which++) {
             if (parts & (1 << which)) attend_half_heads(&kv, io, th->vis_flat ? NULL : mrow, th->gqa_q, na, th->hcells, off, bnd, nch, which, th->gsc, hv[which]);
         }
