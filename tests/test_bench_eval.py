@@ -179,6 +179,7 @@ def test_bench_writes_json_and_png(builds, bundled_model, tmp_path):
     assert BENCH_FIELDS <= set(result)
     assert result["patched"]["knobs"] == {"top_k": 32} and result["patched"]["params"]["top_k"] == 32
     assert result["patched"]["attention"] == "iceformer"  # no --attention: the patched backend's default
+    assert result["calibration_profile"] is None   # the session's profiles folder holds none
     (row,) = result["rows"]
     assert BENCH_ROW_FIELDS <= set(row) and row["length"] == 256
     assert {r["config"] for r in result["runs"]} == {"patched", "stock-fa-off"}  # the warm-up is not kept

@@ -38,17 +38,52 @@ MEASURED = [
 
 
 def test_each_level_gets_the_cheapest_rung_that_keeps_its_promise_on_every_document():
-    chosen = C.choose_levels(MEASURED, n_rungs=3)
+    chosen = C.choose_levels(MEASURED, C.GROUPED[:3])
     assert chosen == {8: (0, True), 7: (1, True), 6: (1, True), 5: (2, True), 4: (2, True), 3: (2, True),
                       2: (2, True), 1: (2, True)}
 
 
-def test_a_level_no_rung_meets_gets_the_most_exact_rung_marked_unmet():
-    chosen = C.choose_levels(MEASURED[:2], n_rungs=len(C.LADDER))
-    last = len(C.LADDER) - 1
+def test_a_level_no_rung_meets_gets_the_most_exact_grouped_rung_marked_unmet():
+    chosen = C.choose_levels(MEASURED[:2], C.LADDER)
+    last = len(C.GROUPED) - 1
     assert chosen[8] == (0, True) and chosen[6] == (1, True)
     assert all(chosen[level] == (last, False) for level in (1, 2, 3, 4, 5))
     assert not C.meets([rec("A", 0.0, 0.95, floor=None)], 8)   # no floor: the top-1 promise cannot be judged
+
+
+def _timed(records, seconds):
+    return [{**r, "prefill_seconds_iceformer": seconds} for r in records]
+
+
+def test_the_families_compete_on_measured_prefill_time_level_by_level():
+    """Grouped rungs 0-2 as MEASURED (1 s per document); per-head rungs: the first as grouped rung 1 (meets
+    levels 6-8) but faster, the second as grouped rung 2 (levels 1-5) but slower. Each level gets the faster
+    family's cheapest rung that keeps its promise (level 8: the per-head rung, faster than grouped rung 0,
+    which also keeps it); a rung not run (None) is never chosen."""
+    ladder = C.GROUPED[:3] + C.PER_HEAD[:3]
+    g = len(C.GROUPED[:3])
+    assert C.families(ladder) == [[0, 1, 2], [3, 4, 5]]
+    measured = MEASURED + [_timed(MEASURED[1], 0.5), _timed(MEASURED[2], 2.0), None]
+    chosen = C.choose_levels(measured, ladder)
+    assert chosen == {8: (g, True), 7: (g, True), 6: (g, True), 5: (2, True), 4: (2, True), 3: (2, True),
+                      2: (2, True), 1: (2, True)}
+    measured = MEASURED + [_timed(MEASURED[1], 0.5), _timed(MEASURED[2], 0.9), None]
+    assert all(C.choose_levels(measured, ladder)[level] == (g + 1, True) for level in (1, 2, 3, 4, 5))
+    profile = C.make_profile(sha256="ab" * 32, info=_Info, model="/m.gguf", lengths=[512], texts=[], ladder=ladder,
+                             measured=measured, command="calibrate", threads=2)
+    assert profile["rungs"][5] is None and profile["levels"]["3"]["knobs"]["group_blocks"] is False
+    assert profile["levels"]["8"]["knobs"]["group_blocks"] is False
+    assert C.format_levels(profile).splitlines()[3].split()[:2] == ["3", "head"]   # header, levels 1, 2, 3
+
+
+def test_models_without_gqa_calibrate_the_grouped_family_only():
+    class Shape:
+        n_head, n_head_kv = 32, 32
+    assert C.ladder_for("auto", Shape) == C.GROUPED and C.ladder_for("on", Shape) == C.LADDER
+    Shape.n_head_kv = 8
+    assert C.ladder_for("auto", Shape) == C.LADDER and C.ladder_for("off", Shape) == C.GROUPED
+    Shape.n_head_kv = None   # not known (per-layer metadata): measure both
+    assert C.ladder_for("auto", Shape) == C.LADDER
 
 
 def test_promises_tighten_with_the_level_and_the_ladder_runs_from_cheap_to_exact():
@@ -57,8 +92,11 @@ def test_promises_tighten_with_the_level_and_the_ladder_runs_from_cheap_to_exact
         for key in ("ppl_tolerance", "top1_margin"):
             assert LEVEL_PROMISES[level][key] > LEVEL_PROMISES[level - 1][key]
     assert LEVEL_PROMISES[DEFAULT_SPEED] == {"ppl_tolerance": 0.01, "top1_margin": 0.015}   # issue #21's target
-    cost = [r["top_blocks"] * r["block_size"] + r["window"] for r in C.LADDER]
-    assert cost == sorted(cost) and len(set(cost)) == len(cost)
+    for family in (C.GROUPED, C.PER_HEAD):
+        cost = [r["top_blocks"] * r["block_size"] + r["window"] for r in family]
+        assert cost == sorted(cost) and len(set(cost)) == len(cost)
+        assert len({r["group_blocks"] for r in family}) == 1
+    assert C.LADDER == C.GROUPED + C.PER_HEAD and C.GROUPED[0]["group_blocks"] is True
     for rung in C.LADDER:
         IceformerSettings(**rung)
         assert set(rung) == set(C.LADDER[0])
@@ -72,8 +110,8 @@ def test_rungs_keep_their_share_of_the_blocks_past_the_calibrated_length():
         assert {k: v for k, v in h.items() if k != "block_share"} == {k: v for k, v in rung.items() if k != "block_share"}
         assert math.ceil(h["block_share"] * 512) <= rung["top_blocks"]            # 8k: 512 blocks of 16
         assert rung["top_blocks"] * 2 - 1 <= math.ceil(h["block_share"] * 1024) <= rung["top_blocks"] * 2
-    assert [h["block_share"] for h in C.hold_share([C.LADDER[-1]], 512)] == [1.0]   # 320 blocks of a 32-block context
-    assert C.hold_share(C.LADDER, 4096)[-1]["block_share"] == 1.0
+    assert [h["block_share"] for h in C.hold_share([C.GROUPED[-1]], 512)] == [1.0]   # 320 blocks of a 32-block context
+    assert C.hold_share(C.GROUPED, 4096)[-1]["block_share"] == 1.0
 
 
 class _Info:
@@ -83,7 +121,7 @@ class _Info:
 def _profile(sha="ab" * 32, measured=MEASURED):
     texts = [{"document": d, "class": "user", "split": "user", "n_tokens": 512, "first_position": 255,
               "ppl_dense": 10.0, "floor": FLOOR} for d in ("A", "B")]
-    return C.make_profile(sha256=sha, info=_Info, model="/m.gguf", lengths=[512], texts=texts, ladder=C.LADDER[:3],
+    return C.make_profile(sha256=sha, info=_Info, model="/m.gguf", lengths=[512], texts=texts, ladder=C.GROUPED[:3],
                           measured=measured, command="calibrate", threads=2)
 
 
@@ -190,7 +228,10 @@ def test_calibrate_writes_a_profile_for_the_models_content(calibrated, bundled_m
     for entry in profile["levels"].values():
         assert entry["knobs"] in [json.loads(json.dumps(r)) for r in C.hold_share(C.LADDER, 512)]
         assert isinstance(entry["meets"], bool)
-    assert 1 <= len(profile["rungs"]) <= len(C.LADDER)
+    # the bundled model's query heads share KV heads: both families ran, each stopping at its first rung,
+    # which meets level 1 (every row runs dense at 512 tokens)
+    assert len(profile["rungs"]) == len(C.LADDER)
+    assert [i for i, rung in enumerate(profile["rungs"]) if rung] == [0, len(C.GROUPED)]
     assert profile["layers"] is None and "no layer shaping" in stderr   # 512 tokens: every row runs dense
     assert "estimated up to about" in stderr and "wrote" in stderr and "run dense attention" in stderr
     assert "worst ppl vs dense" in stdout and len(stdout.strip().splitlines()) == 1 + len(SPEED_LEVELS)
@@ -211,9 +252,24 @@ def test_generate_runs_the_calibrated_levels_and_explicit_knobs_win(calibrated):
         return json.loads(proc.stdout)["settings"]["iceformer"]
 
     p = params()
-    assert (p["top_blocks"], p["window"]) == (level3["top_blocks"], level3["window"])
+    assert (p["top_blocks"], p["window"], p["group_blocks"]) == (level3["top_blocks"], level3["window"],
+                                                                 level3["group_blocks"])
     p = params("--speed", "6", "--window", "99")
     assert (p["top_blocks"], p["window"]) == (profile["levels"]["6"]["knobs"]["top_blocks"], 99)
+
+
+def test_bench_runs_and_records_the_calibrated_default(calibrated, tmp_path):
+    profile, env, _, _ = calibrated
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", "--lengths", "256", "--repeat", "1", "--warmup", "0", "-n", "2", "--threads", "1",
+                   "--stock-flash-attn", "off", "--out", out, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["calibration_profile"].startswith(env["ICEFORMER_LLAMA_PROFILES"])
+    level3 = profile["levels"]["3"]["knobs"]
+    params = result["patched"]["params"]
+    assert (params["top_blocks"], params["block_share"], params["group_blocks"]) == (
+        level3["top_blocks"], pytest.approx(level3["block_share"]), level3["group_blocks"])
 
 
 def test_another_model_file_does_not_pick_the_profile_up(calibrated, bundled_model, tmp_path):

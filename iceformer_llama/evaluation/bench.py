@@ -350,6 +350,9 @@ def cmd_bench(args) -> int:
             raise UsageError(f"bad --variant: {e}") from None
     else:
         variants = [(None, settings)]
+    from ..runtime.calibration import profile_for
+
+    profile = profile_for(model) if attention == "iceformer" else None   # what the speed levels run
     started = time.time()
     measured = run_bench(model=model, lengths=lengths, repeat=args.repeat, threads=threads,
                          n_predict=args.n_predict, batch_size=args.batch_size, attention=attention,
@@ -359,6 +362,7 @@ def cmd_bench(args) -> int:
     result = {
         "command": "python -m iceformer_llama " + shlex.join(sys.argv[1:]),
         "model": model, "model_name": info.name, "context_length": info.context_length,
+        "calibration_profile": str(profile.path) if profile else None,
         "lengths": lengths, "repeat": args.repeat, "warmup_rounds": args.warmup, "threads": threads,
         "n_predict": args.n_predict, "batch_size": args.batch_size,
         "patched": {"attention": attention, "flash_attn": args.flash_attn, "knobs": settings.overrides(),

@@ -2,16 +2,20 @@
 
 For one model, teacher-forced on documents of `--lengths` tokens (eval's corpus: `--docs tune` by
 default, so `eval --docs report` reports on text calibration never saw; or the user's `--text-file`s),
-it measures each rung of LADDER, from the cheapest to the most exact, against dense attention and beside
-llama.cpp's own floor (dense with flash attention flipped) on the same positions, the last `--positions`
-of each document. It stops once a rung meets the tightest promise (level 1) on every document. With
+it measures the rungs of LADDER against dense attention and beside llama.cpp's own floor (dense with
+flash attention flipped) on the same positions, the last `--positions` of each document. The ladder has
+two families, each from the cheapest rung to the most exact: blocks chosen together by the query heads
+of a GQA group (the library default) and blocks chosen by each query head (group_blocks off: fewer keys
+for the same accuracy, more work per key). A family stops once a rung meets the tightest promise (level
+1) on every document; the per-head family also stops once a rung's prefill is slower than the grouped
+family's most exact rung measured, since no later rung of it could be the fastest for any level. With
 --layer-shape on (the default) it first measures each layer's sensitivity (layer_shape.py: one pass per
 layer on one document per class) and every rung then gives each layer a share of its block budget
 (layer_budget) that grows with the layer's sensitivity, the mean share 100%. Every rung also keeps,
 past the longest length calibrated, the share of the blocks it attends there (block_share, hold_share). Each
-speed level then gets the cheapest rung that meets its promise (settings.LEVEL_PROMISES: perplexity vs
-dense, top-1 vs the floor) on EVERY document; a level no rung meets gets the most exact rung, marked
-`meets: false`. The result is the model's profile (runtime/calibration.py), keyed by the file's content
+speed level then gets the fastest rung (by measured prefill time) among each family's cheapest rung that
+meets its promise (settings.LEVEL_PROMISES: perplexity vs dense, top-1 vs the floor) on EVERY document; a
+level no rung meets gets the most exact grouped rung, marked `meets: false`. The result is the model's profile (runtime/calibration.py), keyed by the file's content
 and used from then on by generate, chat, serve, bench, eval and the Llama class.
 
 The dense reference rows of every document are kept while the rungs run: documents x positions x
@@ -38,14 +42,20 @@ DEFAULT_LENGTHS = (4096, 8192)
 DEFAULT_POSITIONS = 512
 
 
-def _rung(top_blocks: int, window: int) -> dict:
-    return {"block_size": 16, "top_blocks": top_blocks, "window": window, "block_share": 0.0, "layer_budget": ()}
+def _rung(top_blocks: int, window: int, group_blocks: bool = True) -> dict:
+    return {"block_size": 16, "top_blocks": top_blocks, "window": window, "block_share": 0.0, "layer_budget": (),
+            "group_blocks": group_blocks}
 
 
-# Candidate settings from the cheapest to the most exact: IceformerSettings field values, every rung
-# naming the same knobs (a knob a rung leaves out keeps the library default, never a profile's value).
-# New knobs join as new dicts (e.g. {"top_p": ...} rungs), placed by cost.
-LADDER: list[dict] = [_rung(b, 64) for b in (10, 20, 30, 40, 60, 80)] + [_rung(b, 128) for b in (120, 160, 240, 320)]
+# Candidate settings: IceformerSettings field values, every rung naming the same knobs (a knob a rung
+# leaves out keeps the library default, never a profile's value). Two families (by group_blocks), each
+# from the cheapest to the most exact. Blocks chosen per query head keep the accuracy target with about
+# 40% of the keys where the grouped choice needs 66-77% (docs/accuracy-natural.md, eighth session), so
+# that family starts lower; on models without GQA the two are the same and only the first runs.
+GROUPED: list[dict] = [_rung(b, 64) for b in (10, 20, 30, 40, 60, 80)] + [_rung(b, 128) for b in (120, 160, 240, 320)]
+PER_HEAD: list[dict] = [_rung(b, 64, False) for b in (20, 40, 60)] + [_rung(b, 128, False)
+                                                                      for b in (80, 120, 160, 200, 240)]
+LADDER: list[dict] = GROUPED + PER_HEAD
 
 # The cheap setting each layer runs alone (the others exact) to measure where the error comes from
 # (layer_shape.py): about a fifth of the keys at 4k, where every layer's error shows.
@@ -64,26 +74,48 @@ def hold_share(ladder: list[dict], length: int) -> list[dict]:
 # Choosing levels (pure)
 
 
-def meets(records: list[dict], level: int) -> bool:
+def meets(records: list[dict] | None, level: int) -> bool:
     """One rung's per-document records (floor.document_record) all keep the level's promise."""
     return bool(records) and all(within_target(r["top1_agreement"], r["ppl_vs_dense"], r["floor"],
                                                **LEVEL_PROMISES[level]) for r in records)
 
 
-def choose_levels(measured: list[list[dict]], n_rungs: int) -> dict[int, tuple[int, bool]]:
-    """level -> (rung index, meets): the first (cheapest) measured rung whose records all keep the
-    level's promise; else the most exact rung of the ladder (n_rungs - 1), not meeting it."""
+def families(ladder: list[dict]) -> list[list[int]]:
+    """The ladder's rung indices by family (group_blocks), in ladder order; the first family is the one the
+    first rung belongs to (the fallback for a level no rung meets)."""
+    out: dict = {}
+    for i, rung in enumerate(ladder):
+        out.setdefault(rung.get("group_blocks", True), []).append(i)
+    return list(out.values())
+
+
+def prefill_cost(records: list[dict]) -> float:
+    """A rung's measured prefill seconds over the documents (its cost when families compete)."""
+    return sum(r["prefill_seconds_iceformer"] for r in records)
+
+
+def choose_levels(measured: list[list[dict] | None], ladder: list[dict]) -> dict[int, tuple[int, bool]]:
+    """level -> (rung index, meets). measured[i] is ladder[i]'s records (None: not run). Per family, the
+    first (cheapest) rung whose records all keep the level's promise; of those, the one with the least
+    prefill time. A level no rung meets gets the first family's most exact rung, not meeting it."""
+    groups = families(ladder)
     chosen = {}
     for level in SPEED_LEVELS:
-        hit = next((i for i, records in enumerate(measured) if meets(records, level)), None)
-        chosen[level] = (hit, True) if hit is not None else (n_rungs - 1, False)
+        hits = [next((i for i in family if i < len(measured) and meets(measured[i], level)), None)
+                for family in groups]
+        hits = [i for i in hits if i is not None]
+        chosen[level] = ((min(hits, key=lambda i: prefill_cost(measured[i])), True) if hits
+                         else (groups[0][-1], False))
     return chosen
 
 
-def rung_summary(knobs: dict, records: list[dict]) -> dict:
-    """A rung's figures over the documents (floor.aggregate), its prefill speed-up, and the documents'."""
+def rung_summary(knobs: dict, records: list[dict] | None) -> dict | None:
+    """A rung's figures over the documents (floor.aggregate), its prefill speed-up, and the documents'
+    (None for a rung not run)."""
+    if records is None:
+        return None
     dense_s = sum(r["prefill_seconds_dense"] for r in records)
-    ice_s = sum(r["prefill_seconds_iceformer"] for r in records)
+    ice_s = prefill_cost(records)
     return {"knobs": knobs, **aggregate(records), "prefill_speedup": dense_s / ice_s if ice_s else None,
             "documents": [{k: r[k] for k in ("document", "n_tokens", "top1_agreement", "mean_kl", "ppl_vs_dense")}
                           for r in records]}
@@ -95,8 +127,8 @@ def make_profile(*, sha256: str, info, model: str, lengths, texts, ladder, measu
     figures, Calibration.layers)."""
     rungs = [rung_summary(ladder[i], records) for i, records in enumerate(measured)]
     levels = {}
-    for level, (index, ok) in choose_levels(measured, len(ladder)).items():
-        measured_rung = rungs[index] if index < len(rungs) else {}
+    for level, (index, ok) in choose_levels(measured, ladder).items():
+        measured_rung = (rungs[index] if index < len(rungs) else None) or {}
         figures = {k: v for k, v in measured_rung.items() if k not in ("knobs", "documents")}
         levels[str(level)] = {"knobs": dict(ladder[index]), "rung": index, "meets": ok,
                               "promise": LEVEL_PROMISES[level], **figures}
@@ -118,13 +150,14 @@ def format_levels(profile: dict) -> str:
     def pts(x):
         return "-" if x is None else f"{x * 100:+.1f}"
 
-    head = ("level", "top_blocks", "window", "worst ppl vs dense", "worst top-1 - floor (pts)", "keys attended",
+    head = ("level", "blocks per", "top_blocks", "window", "worst ppl vs dense", "worst top-1 - floor (pts)", "keys attended",
             "prefill x", "meets", "promise")
     lines = [head]
     for level, entry in sorted(profile["levels"].items(), key=lambda kv: int(kv[0])):
         knobs = entry["knobs"]
         speed = entry.get("prefill_speedup")
-        lines.append((level, str(knobs.get("top_blocks", "-")), str(knobs.get("window", "-")),
+        per = "group" if knobs.get("group_blocks", True) else "head"
+        lines.append((level, per, str(knobs.get("top_blocks", "-")), str(knobs.get("window", "-")),
                       pct(entry.get("ppl_vs_dense_max")), pts(entry.get("top1_minus_floor_min")),
                       "-" if entry.get("keys_attended_share") is None else f"{entry['keys_attended_share']:.0%}",
                       "-" if speed is None else f"{speed:.2f}", "yes" if entry["meets"] else "NO",
@@ -149,6 +182,13 @@ def _check_lengths(args, info) -> list[int]:
             raise UsageError(f"--lengths {','.join(map(str, above))} above the model's trained context of {cap} "
                              "tokens: choose shorter lengths")
     return lengths
+
+
+def ladder_for(per_head: str, info) -> list[dict]:
+    """LADDER, or its grouped family alone: with --per-head off, or auto on a model whose every query head has
+    its own KV head (no GQA: per head and per group are the same choice)."""
+    shared = info.n_head is None or info.n_head_kv is None or info.n_head > info.n_head_kv
+    return LADDER if per_head == "on" or (per_head == "auto" and shared) else GROUPED
 
 
 def _estimate(seconds_first: float, tokens_first: int, documents, n_rungs: int, shaping_passes: int = 0,
@@ -176,8 +216,9 @@ def shaping_documents(documents) -> list[int]:
 
 @dataclasses.dataclass
 class Calibration:
-    """What calibrate() measured: each document's reference figures (texts), the rungs it ran (ladder, shaped
-    when layer shaping ran), their per-document records (measured), and the layer stage's figures (None: off)."""
+    """What calibrate() measured: each document's reference figures (texts), the ladder (shaped when layer
+    shaping ran), each rung's per-document records (measured, aligned with the ladder; None: not run), and
+    the layer stage's figures (None: off)."""
     texts: list
     ladder: list
     measured: list
@@ -187,8 +228,9 @@ class Calibration:
 def calibrate(llm, floor_llm, documents, *, positions: int, ladder=LADDER, shape_knobs: dict | None = SHAPE_KNOBS,
               progress: bool = False, log=None) -> Calibration:
     """Each document's reference, then (with shape_knobs) the layers' sensitivity and the ladder reshaped by it
-    (layer_shape.py), then per rung its per-document records (floor.document_record), rungs from the cheapest
-    until one keeps level 1's promise on every document."""
+    (layer_shape.py), then per rung its per-document records (floor.document_record): each family of rungs
+    from the cheapest until one keeps level 1's promise on every document (a later family also until one
+    runs slower than the first family's last rung measured)."""
     from tqdm import tqdm
 
     from .accuracy import compare
@@ -201,7 +243,7 @@ def calibrate(llm, floor_llm, documents, *, positions: int, ladder=LADDER, shape
     n_layer = llm.n_layer() if shaping else 0
     shortest = min(len(d.tokens) for d in documents)   # the shaping documents' length (shaping_documents)
     ladder = hold_share(ladder, max(len(d.tokens) for d in documents))
-    refs, texts, measured = [], [], []
+    refs, texts = [], []
     with tqdm(total=len(documents) * (2 + len(ladder)) + (n_layer + 1) * len(shaping), desc="calibrate", unit="run",
               file=sys.stderr, disable=not progress) as bar:
         for i, doc in enumerate(documents):
@@ -223,18 +265,23 @@ def calibrate(llm, floor_llm, documents, *, positions: int, ladder=LADDER, shape
                       "documents": [texts[j]["document"] for j in shaping], "n_tokens": shortest,
                       "sensitivity_kl": kl, "layer_budget": list(shape)}
             ladder = [{**rung, "layer_budget": shape} for rung in ladder]
-        for knobs in ladder:
-            settings = IceformerSettings(**knobs)
-            records = []
-            for (doc, first, dense, dense_s), text in zip(refs, texts):
-                stats, ice_s = compare(llm, doc.tokens, settings, dense, first=first)
-                records.append(document_record("", doc.describe(), first, stats, dense_s, ice_s, text["floor"]))
-                bar.update(1)
-            measured.append(records)
-            if meets(records, min(SPEED_LEVELS)):
-                bar.total = bar.n
-                bar.refresh()
-                break
+        measured = [None] * len(ladder)
+        bound = None   # the first family's most exact measured rung's prefill seconds
+        for n, family in enumerate(families(ladder)):
+            for i in family:
+                settings = IceformerSettings(**ladder[i])
+                records = []
+                for (doc, first, dense, dense_s), text in zip(refs, texts):
+                    stats, ice_s = compare(llm, doc.tokens, settings, dense, first=first)
+                    records.append(document_record("", doc.describe(), first, stats, dense_s, ice_s, text["floor"]))
+                    bar.update(1)
+                measured[i] = records
+                if n == 0:
+                    bound = prefill_cost(records)
+                if meets(records, min(SPEED_LEVELS)) or (n > 0 and prefill_cost(records) > bound):
+                    break
+            bar.total = bar.n + len(documents) * sum(len(f) for f in families(ladder)[n + 1:])
+            bar.refresh()
     return Calibration(texts, ladder, measured, layers)
 
 
@@ -270,7 +317,7 @@ def cmd_calibrate(args) -> int:
         flipped = argparse.Namespace(**vars(args))
         flipped.flash_attn = "off" if args.flash_attn != "off" else "on"
         floor_llm = stack.enter_context(_open(flipped, max(lengths) + _CTX_SLACK))
-        result = calibrate(llm, floor_llm, documents, positions=args.positions,
+        result = calibrate(llm, floor_llm, documents, positions=args.positions, ladder=ladder_for(args.per_head, info),
                            shape_knobs=SHAPE_KNOBS if shape else None, progress=sys.stderr.isatty())
     threads = args.threads or os.cpu_count() or 1
     profile = make_profile(sha256=model_sha256(model), info=info, model=model, lengths=lengths, texts=result.texts,
@@ -317,5 +364,9 @@ def register(subparsers) -> None:
                    help="measure each layer's sensitivity first (one pass per layer on one document per class) and "
                         "give sensitive layers more of each rung's budget (default on; off: the same budget in "
                         "every layer)")
+    p.add_argument("--per-head", choices=("auto", "on", "off"), default="auto", type=str.lower,
+                   help="also measure blocks chosen by each query head (group_blocks off), and give each level the "
+                        "faster of the two choices that keeps its promise (default auto: on for models whose query "
+                        "heads share KV heads)")
     p.set_defaults(func=cmd_calibrate, attention=None,
                    **{f"ice_{f.name}": None for f in dataclasses.fields(IceformerSettings)})
