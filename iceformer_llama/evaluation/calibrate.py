@@ -15,8 +15,9 @@ layer on one document per class) and every rung then gives each layer a share of
 past the longest length calibrated, the share of the blocks it attends there (block_share, hold_share). Each
 speed level then gets the fastest rung (by measured prefill time) among each family's cheapest rung that
 meets its promise (settings.LEVEL_PROMISES: perplexity vs dense, top-1 vs the floor) on EVERY document; a
-level no rung meets gets the most exact grouped rung, marked `meets: false`. The result is the model's profile (runtime/calibration.py), keyed by the file's content
-and used from then on by generate, chat, serve, bench, eval and the Llama class.
+level no rung meets gets the most exact grouped rung, marked `meets: false`. The result is the model's
+profile (runtime/calibration.py), keyed by the file's content and used from then on by generate, chat,
+serve, bench, eval and the Llama class.
 
 The dense reference rows of every document are kept while the rungs run: documents x positions x
 vocabulary x 4 bytes (5 tune documents at two lengths, 512 positions and a 152k vocabulary: 3 GB).
@@ -150,8 +151,8 @@ def format_levels(profile: dict) -> str:
     def pts(x):
         return "-" if x is None else f"{x * 100:+.1f}"
 
-    head = ("level", "blocks per", "top_blocks", "window", "worst ppl vs dense", "worst top-1 - floor (pts)", "keys attended",
-            "prefill x", "meets", "promise")
+    head = ("level", "blocks per", "top_blocks", "window", "worst ppl vs dense", "worst top-1 - floor (pts)",
+            "keys attended", "prefill x", "meets", "promise")
     lines = [head]
     for level, entry in sorted(profile["levels"].items(), key=lambda kv: int(kv[0])):
         knobs = entry["knobs"]
@@ -267,7 +268,8 @@ def calibrate(llm, floor_llm, documents, *, positions: int, ladder=LADDER, shape
             ladder = [{**rung, "layer_budget": shape} for rung in ladder]
         measured = [None] * len(ladder)
         bound = None   # the first family's most exact measured rung's prefill seconds
-        for n, family in enumerate(families(ladder)):
+        groups = families(ladder)
+        for n, family in enumerate(groups):
             for i in family:
                 settings = IceformerSettings(**ladder[i])
                 records = []
@@ -280,7 +282,7 @@ def calibrate(llm, floor_llm, documents, *, positions: int, ladder=LADDER, shape
                     bound = prefill_cost(records)
                 if meets(records, min(SPEED_LEVELS)) or (n > 0 and prefill_cost(records) > bound):
                     break
-            bar.total = bar.n + len(documents) * sum(len(f) for f in families(ladder)[n + 1:])
+            bar.total = bar.n + len(documents) * sum(len(f) for f in groups[n + 1:])   # the rungs not run leave it
             bar.refresh()
     return Calibration(texts, ladder, measured, layers)
 
@@ -317,8 +319,9 @@ def cmd_calibrate(args) -> int:
         flipped = argparse.Namespace(**vars(args))
         flipped.flash_attn = "off" if args.flash_attn != "off" else "on"
         floor_llm = stack.enter_context(_open(flipped, max(lengths) + _CTX_SLACK))
-        result = calibrate(llm, floor_llm, documents, positions=args.positions, ladder=ladder_for(args.per_head, info),
-                           shape_knobs=SHAPE_KNOBS if shape else None, progress=sys.stderr.isatty())
+        result = calibrate(llm, floor_llm, documents, positions=args.positions,
+                           ladder=ladder_for(args.per_head, info), shape_knobs=SHAPE_KNOBS if shape else None,
+                           progress=sys.stderr.isatty())
     threads = args.threads or os.cpu_count() or 1
     profile = make_profile(sha256=model_sha256(model), info=info, model=model, lengths=lengths, texts=result.texts,
                            ladder=result.ladder, measured=result.measured, threads=threads, layers=result.layers,
