@@ -278,6 +278,29 @@ def test_block_search_matches_reference(keys, mk, n_tok, gqa, group, B):
     assert nmse(fewer, ref) > 1e-6
 
 
+@pytest.mark.parametrize("B", [16, 32])
+@pytest.mark.parametrize("group", [True, False])
+@pytest.mark.parametrize("mk", ["causal", "two_seq"])
+def test_tiled_keys_match_reference(mk, group, B):
+    """Many rows with f16 keys: prepare copies the keys into tiles and forward reads whole chosen blocks
+    from them (the rest, the window and blocks the mask cuts, row by row). Same answer as the reference;
+    the copy shows in the state's memory (the scratch, for every KV head's n_kv keys), and a few rows
+    (below the threshold, as in decoding) make none."""
+    n_kv, n_sel, n_head_kv, hd = 32 * 24 - 5, 6, 2, 64
+    params = native.AttnParams.default(top_k=0, top_blocks=n_sel, block_size=B, n_sinks=4, window=16, min_n_kv=0,
+                                       tail_estimate=False, group_blocks=group, block_share=0.0)
+    memory = {}
+    for n_tok in (8, 48):
+        q, k, v, mask, scale = _data(n_kv, n_tok, hd, 3, mk, "f16", seed=23, n_head_kv=n_head_kv)
+        ref = block_search_reference(q, k, v, mask, scale, n_sel, B, 4, 16, group=group)
+        with native.AttentionState(params) as st:
+            out = native.attention(q, k, v, mask, scale, params, state=st, n_threads=2)
+            memory[n_tok] = st.memory()
+        assert nmse(out, ref) < 1e-6
+    tiles = n_head_kv * ((n_kv + 15) // 16) * 16 * hd * 2   # bytes of fp16 keys, whole tiles
+    assert memory[48] - memory[8] >= tiles
+
+
 def test_layers_sharing_one_scratch():
     """States that borrow one scratch (the patch's layers) answer exactly as states with their own, whatever
     ran on the scratch before (other shapes, other searches, other thread counts), count only their own

@@ -229,7 +229,9 @@ struct ice_attn_state;    // opaque: per-layer indices and block summaries (and 
 struct ice_attn_scratch;  // opaque: per-thread working memory of prepare and forward
 
 // Working memory that the states of several layers can share. Its size follows the context and the
-// thread count, not the layer count: one per layer would cost more than the summaries it serves.
+// thread count, not the layer count: one per layer would cost more than the summaries it serves. For
+// evaluations of many rows (prefill) it also holds one layer's keys copied into tiles (2 bytes per key
+// element of every KV head), which prepare writes and the same layer's forward reads.
 // States sharing one scratch must never run prepare or forward at the same time (the layers of one
 // llama.cpp graph run one node after another), and the scratch must outlive them.
 enum ice_status ice_attn_scratch_init(struct ice_attn_scratch ** out);

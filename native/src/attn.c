@@ -1,9 +1,5 @@
-// attn.c - the attention op: per-layer state, prepare (per-KV-head indices) and forward.
+// attn.c - the attention op's forward (state and prepare: attn_state.c).
 //
-// prepare: each (stream, KV head) pair p is handled by thread p % nth. It keeps block summaries
-// over the cache's cells (and a DCI index for k-NN search) up to date: rebuilt from the views, or,
-// when the caller's cache versions say nothing but this op's writes changed the stream since the
-// state's last update, recomputed only for the blocks of the cells this evaluation writes. Keys and values are always read in place (f16).
 // forward: (stream, token, GQA group) units are split over threads; a group's query heads share their
 // KV head's block scores and, when they attend the same cells, one pass over those cells (each V row
 // read once for the group). Every row is computed the same way whatever thread runs it, so the output
@@ -12,116 +8,6 @@
 // groups keep two threads equally busy.
 
 #include "attn_internal.h"
-
-static enum ice_status check_params(const struct ice_attn_params * p) {
-    if (!p) return ICE_STATUS_INVALID_ARG;
-    if (p->top_k < 0 || p->n_sinks < 0 || p->window < 0 || p->block_size < 1 || p->min_n_kv < 0) return ICE_STATUS_INVALID_ARG;
-    if (p->n_composite < 1 || p->n_composite > 64 || p->n_simple < 1 || p->n_simple > 64) return ICE_STATUS_INVALID_ARG;
-    if ((int64_t)p->n_composite * p->n_simple > 4096) return ICE_STATUS_INVALID_ARG;
-    if (p->visit_budget < 0 || p->retrieve_budget < 0 || p->top_blocks < 0) return ICE_STATUS_INVALID_ARG;
-    if (p->min_blocks < 0 || !(p->top_p >= 0.0f && p->top_p <= 1.0f)) return ICE_STATUS_INVALID_ARG;
-    if (!(p->block_share >= 0.0f && p->block_share <= 1.0f)) return ICE_STATUS_INVALID_ARG;
-    return ICE_STATUS_OK;
-}
-
-enum ice_status ice_attn_scratch_init(struct ice_attn_scratch ** out) {
-    if (!out) return ICE_STATUS_INVALID_ARG;
-    *out = calloc(1, sizeof **out);
-    return *out ? ICE_STATUS_OK : ICE_STATUS_NO_MEMORY;
-}
-
-enum ice_status ice_attn_state_init_shared(const struct ice_attn_params * params, struct ice_attn_scratch * scratch,
-        struct ice_attn_state ** out) {
-    if (!out) return ICE_STATUS_INVALID_ARG;
-    *out = NULL;
-    enum ice_status st = check_params(params);
-    if (st != ICE_STATUS_OK) return st;
-    struct ice_attn_state * s = calloc(1, sizeof *s);
-    if (!s) return ICE_STATUS_NO_MEMORY;
-    s->own_scratch = scratch == NULL;
-    if (s->own_scratch && ice_attn_scratch_init(&scratch) != ICE_STATUS_OK) { free(s); return ICE_STATUS_NO_MEMORY; }
-    ice_tail_init_tables();
-    s->p = *params;
-    s->scratch = scratch;
-    *out = s;
-    return ICE_STATUS_OK;
-}
-
-enum ice_status ice_attn_state_init(const struct ice_attn_params * params, struct ice_attn_state ** out) {
-    return ice_attn_state_init_shared(params, NULL, out);
-}
-
-enum ice_status ice_attn_state_set_params(struct ice_attn_state * state, const struct ice_attn_params * params) {
-    if (!state) return ICE_STATUS_INVALID_ARG;
-    enum ice_status st = check_params(params);
-    if (st != ICE_STATUS_OK) return st;
-    state->p = *params;
-    return ICE_STATUS_OK;
-}
-
-static void head_free(struct ice_head * h) {
-    if (!h) return;
-    free(h->bcount); free(h->rmean); free(h->rvar); free(h->bk); free(h->bv);
-    ice_dci_free(&h->dci);
-    free(h);
-}
-
-static void thread_free(struct ice_thread * t) {
-    if (!t) return;
-    ice_dci_scratch_free(&t->dci);
-    free(t->vis); free(t->vis_bcnt); free(t->q); free(t->sc); free(t->qk); free(t->bcov); free(t->bkey); free(t->bmass); free(t->gq); free(t->bqk); free(t->q2); free(t->bsp); free(t->partial); free(t->uni); free(t->stamp);
-    free(t->heap_s); free(t->heap_i); free(t->w); free(t->tmp); free(t->krow); free(t->dirty); free(t->k32); free(t->stat);
-    for (int i = 0; i < 4; i++) free(t->half[i].buf);
-    free(t->gqa_q); free(t->gsc); free(t->hcells); free(t->hoff);
-    free(t);
-}
-
-void ice_attn_scratch_free(struct ice_attn_scratch * scratch) {
-    if (!scratch) return;
-    for (int i = 0; i < ICE_MAX_THREADS; i++) thread_free(scratch->threads[i]);
-    free(scratch);
-}
-
-void ice_attn_state_free(struct ice_attn_state * state) {
-    if (!state) return;
-    for (int i = 0; i < ICE_MAX_HEADS; i++) head_free(state->heads[i]);
-    if (state->own_scratch) ice_attn_scratch_free(state->scratch);
-    free(state);
-}
-
-size_t ice_attn_state_memory(const struct ice_attn_state * state) {
-    if (!state) return 0;
-    size_t b = sizeof *state;
-    for (int i = 0; i < ICE_MAX_HEADS; i++) {
-        const struct ice_head * h = state->heads[i];
-        if (!h) continue;
-        b += sizeof *h + h->bcount_cap + h->rmean_cap + h->rvar_cap + h->bk_cap + h->bv_cap + ice_dci_memory(&h->dci);
-    }
-    return b + (state->own_scratch ? ice_attn_scratch_memory(state->scratch) : 0);
-}
-
-size_t ice_attn_scratch_memory(const struct ice_attn_scratch * scratch) {
-    if (!scratch) return 0;
-    size_t b = sizeof *scratch;
-    for (int i = 0; i < ICE_MAX_THREADS; i++) {
-        const struct ice_thread * t = scratch->threads[i];
-        if (!t) continue;
-        b += sizeof *t + t->dci.cnt_cap + t->dci.cand_cap + t->dci.touched_cap + t->dci.qn_cap +
-             t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->qk_cap + t->bcov_cap + t->bkey_cap + t->bmass_cap + t->gq_cap + t->bqk_cap + t->q2_cap + t->bsp_cap + t->partial_cap + t->uni_cap + t->stamp_cap +
-             t->heap_s_cap + t->heap_i_cap + t->w_cap + t->tmp_cap + t->krow_cap + t->dirty_cap + t->k32_cap + t->stat_cap;
-        for (int j = 0; j < 4; j++) b += t->half[j].buf_cap;
-        b += t->gqa_q_cap + t->gsc_cap + t->hcells_cap + t->hoff_cap;
-    }
-    return b;
-}
-
-enum ice_status ice_attn_state_counts(const struct ice_attn_state * state, struct ice_attn_counts * out) {
-    if (!state || !out) return ICE_STATUS_INVALID_ARG;
-    out->n_rows     = __atomic_load_n(&state->cnt.n_rows, __ATOMIC_RELAXED);
-    out->n_attended = __atomic_load_n(&state->cnt.n_attended, __ATOMIC_RELAXED);
-    out->n_visible  = __atomic_load_n(&state->cnt.n_visible, __ATOMIC_RELAXED);
-    return ICE_STATUS_OK;
-}
 
 // Counts `rows` query rows that attend `attended` cells of `visible`, all together.
 static void count_cells(struct ice_thread * th, int64_t rows, int64_t attended, int64_t visible) {
@@ -136,157 +22,8 @@ static void count_row(struct ice_thread * th, int64_t heads) {
     count_cells(th, heads, heads * th->n_cells, heads * th->n_vis);
 }
 
-static struct ice_thread * get_thread(struct ice_attn_state * st, int ith) {
-    struct ice_thread ** t = &st->scratch->threads[ith];
-    if (!*t) {
-        *t = calloc(1, sizeof(struct ice_thread));
-        if (*t) (*t)->vis_t = -1;
-    }
-    return *t;
-}
-
 static struct ice_head * head_of(const struct ice_attn_state * st, const struct ice_dims * dm, int64_t s, int64_t hk) {
     return st->heads[(dm->stream0 + s) * dm->n_head_kv + hk];
-}
-
-// ---- prepare -------------------------------------------------------------------
-
-// Whether cell id `w` (llama.cpp's k_idxs form) belongs to global stream gs; its cell in *c.
-static inline int written_cell(const struct ice_attn_io * io, int64_t i, int64_t gs, int64_t * c) {
-    const int64_t w = io->written[i];
-    if (w < 0 || w / io->stream_cells != gs) return 0;
-    *c = w % io->stream_cells;
-    return 1;
-}
-
-// DCI over cells 0..n_kv-1: rebuilt, or updated with the written cells and the cells past its end.
-// The embedding's mean and M come from the cells visible to row 0 (a causal ubatch's first row sees
-// the past only, so keys of later rows never shape the walk of earlier ones), with M given 25%
-// headroom; a new key beyond M cannot be embedded and triggers a rebuild (documented in the header).
-static int dci_update(const struct ice_attn_params * p, struct ice_head * h, struct ice_thread * th,
-        const struct ice_attn_io * io, const struct ice_dims * dm, int64_t s, int64_t hk, bool rebuild) {
-    const int64_t n_kv = dm->n_kv, dk = dm->d_k, gs = dm->stream0 + s;
-    if (h->dci.dim != dk || h->dci.L != p->n_composite || h->dci.m != p->n_simple || h->dci.seed != p->seed) {
-        ice_dci_free(&h->dci);
-        ice_dci_init(&h->dci, (int32_t)dk, p->n_composite, p->n_simple, p->seed);
-        rebuild = true;
-    }
-    if (!h->dci_built || h->dci.n > n_kv) rebuild = true;
-    if (!rebuild) {
-        int r = 0;
-        for (int64_t i = 0; i < io->n_written && r == 0; i++) {
-            int64_t c;
-            if (!written_cell(io, i, gs, &c) || c >= h->dci.n) continue;
-            ice_view_load_row(&io->k, c, hk, s, th->krow);
-            r = ice_dci_upsert(&h->dci, th->krow, (int32_t)c);
-        }
-        for (int64_t c = h->dci.n; c < n_kv && r == 0; c++) {
-            ice_view_load_row(&io->k, c, hk, s, th->krow);
-            r = ice_dci_upsert(&h->dci, th->krow, (int32_t)c);
-        }
-        if (r < 0) return -1;
-        if (r == 0) return 0;
-    }
-    h->dci_built = false;
-    if (ICE_RESERVE(&th->k32, &th->k32_cap, n_kv * dk, 0) || ICE_RESERVE(&th->stat, &th->stat_cap, n_kv, 0)) return -1;
-    const void * m0 = ice_mask_row(io, 0, s);
-    int64_t n_stat = 0;
-    for (int64_t c = 0; c < n_kv; c++) {
-        ice_view_load_row(&io->k, c, hk, s, th->k32 + c * dk);
-        th->stat[c] = (uint8_t) ice_mask_visible(io->mask.type, m0, c);
-        n_stat += th->stat[c];
-    }
-    const int rc = ice_dci_build(&h->dci, th->k32, dk, n_kv, n_stat >= 64 ? th->stat : NULL, 1.25f);
-    // the f32 copy is build scratch only: the persistent state keeps no copy of the cache
-    free(th->k32); th->k32 = NULL; th->k32_cap = 0;
-    if (rc) return -1;
-    h->dci_built = true;
-    return 0;
-}
-
-static enum ice_status prepare_head(struct ice_attn_state * st, struct ice_thread * th, const struct ice_attn_io * io,
-        const struct ice_dims * dm, int64_t s, int64_t hk) {
-    const struct ice_attn_params * p = &st->p;
-    const int64_t slot = (dm->stream0 + s) * dm->n_head_kv + hk;
-    if (slot >= ICE_MAX_HEADS) return ICE_STATUS_UNSUPPORTED;
-    if (!st->heads[slot]) {
-        st->heads[slot] = calloc(1, sizeof(struct ice_head));
-        if (!st->heads[slot]) return ICE_STATUS_NO_MEMORY;
-    }
-    struct ice_head * h = st->heads[slot];
-    struct ice_kv kv;
-    ice_kv_of(&kv, io, hk, s);
-    const int64_t n_kv = dm->n_kv, B = p->block_size;
-    // incremental only when the state was last updated at or after the version the caller says its
-    // stream has been unchanged since (except by writes this op saw)
-    const bool persist = p->persistent && io->epoch_after != 0;
-    const bool same = persist && h->epoch != 0 && h->epoch >= io->epoch_before && h->epoch < io->epoch_after &&
-                      h->indexed && h->B == B && h->has_sums == p->tail_estimate &&
-                      h->kbase == kv.k && h->vbase == kv.v && h->d_k == dm->d_k && h->d_v == dm->d_v;
-    const int64_t old_n_kv = same ? h->n_kv : 0;
-    h->status = ICE_STATUS_NO_MEMORY;
-    h->epoch = 0;
-    h->kbase = kv.k; h->vbase = kv.v; h->mdata = io->mask.data;
-    h->n_kv = n_kv; h->d_k = dm->d_k; h->d_v = dm->d_v;
-    if (ICE_RESERVE(&th->krow, &th->krow_cap, 3 * dm->d_k, 0)) return ICE_STATUS_NO_MEMORY;
-    const bool want = p->top_k > 0 || p->top_blocks > 0 || p->tail_estimate;
-    if (!want) {
-        h->indexed = false;
-        h->status = ICE_STATUS_OK;
-        return ICE_STATUS_OK;
-    }
-    const int64_t nb = (n_kv + B - 1) / B;
-    const int64_t nb_tiled = (nb + ICE_TILE - 1) / ICE_TILE * ICE_TILE;   // ranking rows come in whole tiles
-    if (ICE_RESERVE(&h->bcount, &h->bcount_cap, nb, 1) || ICE_RESERVE(&h->rmean, &h->rmean_cap, nb_tiled * dm->d_k, 1) ||
-        ICE_RESERVE(&h->rvar, &h->rvar_cap, nb_tiled * dm->d_k, 1) ||
-        (p->tail_estimate && (ICE_RESERVE(&h->bk, &h->bk_cap, nb * dm->d_k, 1) || ICE_RESERVE(&h->bv, &h->bv_cap, nb * dm->d_v, 1))) ||
-        ICE_RESERVE(&th->dirty, &th->dirty_cap, nb, 0)) {
-        h->indexed = false;
-        return ICE_STATUS_NO_MEMORY;
-    }
-    // exact sums serve the tail estimate only: without it they are not kept (two thirds of the bytes)
-    if (!p->tail_estimate) { free(h->bk); free(h->bv); h->bk = NULL; h->bv = NULL; h->bk_cap = h->bv_cap = 0; }
-    h->has_sums = p->tail_estimate;
-    h->B = B; h->n_blocks = nb;
-    if (same) {
-        // the blocks of the written cells, and every block whose cell range moved with n_kv
-        memset(th->dirty, 0, (size_t)nb);
-        for (int64_t i = 0; i < io->n_written; i++) {
-            int64_t c;
-            if (written_cell(io, i, dm->stream0 + s, &c) && c < n_kv) th->dirty[c / B] = 1;
-        }
-        const int64_t lo = (old_n_kv < n_kv ? old_n_kv : n_kv) / B;
-        for (int64_t b = lo; b < nb; b++) th->dirty[b] = 1;
-        for (int64_t b = 0; b < nb; b++) if (th->dirty[b]) ice_tail_block(h, &kv, b, th->krow);
-    } else {
-        for (int64_t b = 0; b < nb; b++) ice_tail_block(h, &kv, b, th->krow);
-    }
-    h->indexed = false;
-    if (p->top_k > 0 && !p->exact_search) {
-        if (dci_update(p, h, th, io, dm, s, hk, !same)) return ICE_STATUS_NO_MEMORY;
-    } else {
-        h->dci_built = false;   // not kept up to date while unused: rebuilt when next needed
-    }
-    h->indexed = true;
-    h->epoch = persist ? io->epoch_after : 0;
-    h->status = ICE_STATUS_OK;
-    return ICE_STATUS_OK;
-}
-
-enum ice_status ice_attn_prepare(struct ice_attn_state * st, const struct ice_attn_io * io, int ith, int nth) {
-    if (!st || nth < 1 || nth > ICE_MAX_THREADS || ith < 0 || ith >= nth) return ICE_STATUS_INVALID_ARG;
-    struct ice_dims dm;
-    enum ice_status rc = ice_attn_check_io(io, &dm, false);
-    if (rc != ICE_STATUS_OK) return rc;
-    if ((dm.stream0 + dm.n_stream) * dm.n_head_kv > ICE_MAX_HEADS) return ICE_STATUS_UNSUPPORTED;
-    struct ice_thread * th = get_thread(st, ith);
-    if (!th) return ICE_STATUS_NO_MEMORY;
-    const int64_t n_pairs = dm.n_stream * dm.n_head_kv;
-    for (int64_t pi = ith; pi < n_pairs; pi += nth) {
-        const enum ice_status r = prepare_head(st, th, io, &dm, pi / dm.n_head_kv, pi % dm.n_head_kv);
-        if (r != ICE_STATUS_OK) rc = r;
-    }
-    return rc;
 }
 
 // ---- forward -------------------------------------------------------------------
@@ -398,21 +135,46 @@ static void slice_softmax(const struct ice_attn_io * io, const void * mrow, cons
     *sum = ice_exp_sum(sc, n, *mx);
 }
 
+// out[j*ostride + i] = q_j . key of cells[i], i < n, for the na query rows q (na*d_k floats). With the
+// tiled keys kt (tile_keys), the list's whole tiles (ICE_TILE consecutive cells from a multiple of it: a
+// chosen block's visible cells) are read from them, the other cells row by row.
+static void kv_dots(const struct ice_kv * kv, const uint16_t * kt, struct ice_thread * th, const float * q, int64_t na,
+        const int32_t * cells, int64_t n, float * out, int64_t ostride) {
+    const int64_t dk = kv->d_k, cap = n / ICE_TILE + 1;
+    if (!kt || n < ICE_TILE || ICE_RESERVE(&th->tl, &th->tl_cap, 2 * cap, 0)) {
+        for (int64_t j = 0; j < na; j++) ice_kv_dots(kv, q + j * dk, cells, n, out + j * ostride);
+        return;
+    }
+    int32_t * tile = th->tl, * pos = th->tl + cap;
+    int64_t nt = 0, rs = 0;   // rs: where the cells not yet computed start
+    for (int64_t i = 0; i + ICE_TILE <= n;) {
+        const int32_t c = cells[i];
+        int whole = (c & (ICE_TILE - 1)) == 0 && cells[i + ICE_TILE - 1] == c + ICE_TILE - 1;
+        for (int r = 1; whole && r < ICE_TILE - 1; r++) whole = cells[i + r] == c + r;
+        if (!whole) { i++; continue; }
+        for (int64_t j = 0; j < na && rs < i; j++) ice_kv_dots(kv, q + j * dk, cells + rs, i - rs, out + j * ostride + rs);
+        tile[nt] = c / ICE_TILE; pos[nt++] = (int32_t)i;
+        i += ICE_TILE; rs = i;
+    }
+    for (int64_t j = 0; j < na && rs < n; j++) ice_kv_dots(kv, q + j * dk, cells + rs, n - rs, out + j * ostride + rs);
+    if (nt) ice_dots_tile_list(q, na, kt, tile, pos, nt, dk, out, ostride);
+}
+
 // Half `which` of the softmax over cells[0..n) (the first n/2, or the rest) for the na query rows q
 // (na*d_k floats) that attend the same cells, into heads j0..j0+na-1 of hf: dot products, scores (scale *
 // q.k + mask) in sc (na*n floats, head j's at j*n), each head's max and exp-sum, and its unnormalised
-// output. Each V row is read once for the na heads.
-static void attend_half(const struct ice_kv * kv, const struct ice_attn_io * io, const void * mrow,
-        const float * q, int64_t na, const int32_t * cells, int64_t n, int which, float * sc, struct ice_half * hf,
-        int64_t j0) {
+// output. Each V row is read once for the na heads. kt: the tiled keys or NULL (kv_dots).
+static void attend_half(const struct ice_kv * kv, const uint16_t * kt, struct ice_thread * th, const struct ice_attn_io * io,
+        const void * mrow, const float * q, int64_t na, const int32_t * cells, int64_t n, int which, float * sc,
+        struct ice_half * hf, int64_t j0) {
     const int64_t lo = which ? n / 2 : 0, hi = which ? n : n / 2, m = hi - lo, dv = kv->d_v;
     for (int64_t j = j0; j < j0 + na; j++) { hf->m[j] = -INFINITY; hf->s[j] = 0.0f; }
     if (m == 0) return;
     const int32_t * cl = cells + lo;
-    // dot products one head at a time: their horizontal sums, not the loads, bound them, so sharing the
-    // row loads between heads measured slower (2.86 against 2.64 ns per row and head, Zen 4); the value
-    // sums do share them (1.31 against 2.33 ns)
-    for (int64_t j = 0; j < na; j++) ice_kv_dots(kv, q + j * kv->d_k, cl, m, sc + j * m);
+    // row by row, dot products go one head at a time: their horizontal sums, not the loads, bound them, so
+    // sharing the row loads between heads measured slower (2.86 against 2.64 ns per row and head, Zen 4);
+    // tiles need no horizontal sums and do share them; the value sums share them too (1.31 against 2.33 ns)
+    kv_dots(kv, kt, th, q, na, cl, m, sc, m);
     for (int64_t j = 0; j < na; j++) slice_softmax(io, mrow, cl, m, sc + j * m, &hf->m[j0 + j], &hf->s[j0 + j]);
     float * o = hf->o + j0 * dv;
     if (na == 1) ice_kv_axpys(kv, o, sc, cl, m);
@@ -434,9 +196,9 @@ static int chunk_shift(const struct ice_kv * kv) {
 // heads that chose them, where head after head over whole lists read them again (measured with blocks
 // chosen per head on Qwen2.5-Coder at 8k: the dot products cost as much for 40% of the keys per head as
 // the shared pass for 62%). sc: off[na] floats, indexed like cells.
-static void attend_half_heads(const struct ice_kv * kv, const struct ice_attn_io * io, const void * mrow,
-        const float * q, int64_t na, const int32_t * cells, const int64_t * off, const int64_t * bnd, int64_t nch,
-        int which, float * sc, struct ice_half * hf) {
+static void attend_half_heads(const struct ice_kv * kv, const uint16_t * kt, struct ice_thread * th,
+        const struct ice_attn_io * io, const void * mrow, const float * q, int64_t na, const int32_t * cells,
+        const int64_t * off, const int64_t * bnd, int64_t nch, int which, float * sc, struct ice_half * hf) {
     const int64_t dk = kv->d_k, dv = kv->d_v;
     for (int64_t j = 0; j < na; j++) { hf->m[j] = -INFINITY; hf->s[j] = 0.0f; }
     for (int pass = 0; pass < 2; pass++) {   // 0: dot products; 1: value sums (after each head's softmax)
@@ -446,7 +208,7 @@ static void attend_half_heads(const struct ice_kv * kv, const struct ice_attn_io
                 const int64_t * bj = bnd + j * (nch + 1);
                 const int64_t p = off[j] + (bj[ch] > lo ? bj[ch] : lo), e = off[j] + (bj[ch + 1] < hi ? bj[ch + 1] : hi);
                 if (e <= p) continue;
-                if (pass == 0) ice_kv_dots(kv, q + j * dk, cells + p, e - p, sc + p);
+                if (pass == 0) kv_dots(kv, kt, th, q + j * dk, 1, cells + p, e - p, sc + p, 0);
                 else ice_kv_axpys(kv, hf->o + j * dv, sc + p, cells + p, e - p);
             }
         }
@@ -687,8 +449,8 @@ static enum ice_status forward_group(struct ice_attn_state * st, struct ice_thre
             } else if (r == ICE_STATUS_OK) {   // a dense row
                 if (half_reserve(&th->half[2], 1, dv) || half_reserve(&th->half[3], 1, dv)) r = ICE_STATUS_NO_MEMORY;
                 else {
-                    attend_half(&kv, io, mrow, th->q, 1, th->cells, th->n_cells, 0, th->sc, &th->half[2], 0);
-                    attend_half(&kv, io, mrow, th->q, 1, th->cells, th->n_cells, 1, th->sc, &th->half[3], 0);
+                    attend_half(&kv, NULL, th, io, mrow, th->q, 1, th->cells, th->n_cells, 0, th->sc, &th->half[2], 0);
+                    attend_half(&kv, NULL, th, io, mrow, th->q, 1, th->cells, th->n_cells, 1, th->sc, &th->half[3], 0);
                     r = merge_halves(&th->half[2], &th->half[3], io, s, t, hq, 1, dv);
                 }
             }
@@ -697,6 +459,9 @@ static enum ice_status forward_group(struct ice_attn_state * st, struct ice_thre
         return rc;
     }
     struct ice_half * hv[2] = { &th->half[parts == ICE_HALVES ? 2 : 0], &th->half[parts == ICE_HALVES ? 3 : 1] };
+    const int64_t slot = (dm->stream0 + s) * dm->n_head_kv + hk;
+    const struct ice_attn_scratch * sc = st->scratch;
+    const uint16_t * kt = sc->ktile_src[slot] == kv.k && sc->ktile_n[slot] >= dm->n_kv ? sc->ktile[slot] : NULL;
     for (int which = 0; which < 2; which++) {
         if ((parts & (1 << which)) && half_reserve(hv[which], na, dv)) return group_failed(th, io, dm, s, t, g0, parts, ICE_STATUS_NO_MEMORY, pending);
     }
@@ -709,7 +474,7 @@ static enum ice_status forward_group(struct ice_attn_state * st, struct ice_thre
         if (parts & ICE_HALF_0) count_row(th, na);   // a split group is counted by its first half's thread
         for (int64_t j = 0; j < na; j++) ice_view_load_row(&io->q, t, g0 + j, s, th->gqa_q + j * dk);
         for (int which = 0; which < 2; which++) {
-            if (parts & (1 << which)) attend_half(&kv, io, th->vis_flat ? NULL : mrow, th->gqa_q, na, th->cells, th->n_cells, which, th->gsc, hv[which], 0);
+            if (parts & (1 << which)) attend_half(&kv, kt, th, io, th->vis_flat ? NULL : mrow, th->gqa_q, na, th->cells, th->n_cells, which, th->gsc, hv[which], 0);
         }
     } else {
         // each head's own cells, ordered by chunk, then one pass per half over all of them (attend_half_heads)
@@ -733,7 +498,7 @@ static enum ice_status forward_group(struct ice_attn_state * st, struct ice_thre
         if (parts & ICE_HALF_0) count_cells(th, na, n_cells, n_vis);   // once per group: the counts are shared
         if (ICE_RESERVE(&th->gsc, &th->gsc_cap, off[na] + 1, 0)) return group_failed(th, io, dm, s, t, g0, parts, ICE_STATUS_NO_MEMORY, pending);
         for (int which = 0; which < 2; which++) {
-            if (parts & (1 << which)) attend_half_heads(&kv, io, th->vis_flat ? NULL : mrow, th->gqa_q, na, th->hcells, off, bnd, nch, which, th->gsc, hv[which]);
+            if (parts & (1 << which)) attend_half_heads(&kv, kt, th, io, th->vis_flat ? NULL : mrow, th->gqa_q, na, th->hcells, off, bnd, nch, which, th->gsc, hv[which]);
         }
     }
     if (parts == ICE_HALVES) return merge_halves(hv[0], hv[1], io, s, t, g0, na, dv);
@@ -756,7 +521,7 @@ enum ice_status ice_attn_forward(struct ice_attn_state * st, const struct ice_at
     const int64_t n_st = dm.n_stream * dm.n_tok;
     // the work is split by GQA group (the query heads of one KV head, answered together) and token
     const int64_t n_groups = n_st * dm.n_head_kv, U = 2 * n_groups;
-    struct ice_thread * th = get_thread(st, ith);
+    struct ice_thread * th = ice_attn_thread(st, ith);
     if (!th) {
         if (n_st < nth) {
             // a group split with a neighbour still needs this thread's half: a failed one

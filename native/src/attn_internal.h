@@ -88,6 +88,7 @@ struct ice_thread {
     float   * gsc;      size_t gsc_cap;      // their scores, one half of the cells per head (or every head's cells)
     int32_t * hcells;   size_t hcells_cap;   // a group whose heads attend their own cells: the heads' lists, in turn
     int64_t * hoff;     size_t hoff_cap;     // head j's list at hcells + hoff[j]; then na positions of scratch
+    int32_t * tl;       size_t tl_cap;       // whole tiles of a cell list: their numbers, then their positions
     const int32_t * cells; int64_t n_cells;  // the cells the current row attends (vis or uni)
     int64_t   n_sink_cells, n_front_cells;   // uni: its sinks' cells, then up to n_front_cells the window's and top-k's
     uint32_t * stamp;   size_t stamp_cap;    // per cell: == gen when in the union
@@ -114,6 +115,13 @@ struct ice_attn_scratch {
     // forward: slot j joins the two halves of the group split between thread j (its second half) and the
     // thread before it (atomic exchange; NULL between forward calls)
     struct ice_half   * join[ICE_MAX_THREADS];
+    // Many-row evaluations (prefill): each (stream, KV head)'s keys copied by prepare into tiles (ICE_TILE
+    // cells, element-major, fp16; ice_tile_at), so forward's dot products over whole chosen blocks need
+    // no horizontal sums and one conversion serves every head of the group. Per slot like ice_attn_state's
+    // heads, and valid for one call: ktile_src is the key view it was copied from, NULL when not built.
+    uint16_t   * ktile[ICE_MAX_HEADS];  size_t ktile_cap[ICE_MAX_HEADS];
+    const char * ktile_src[ICE_MAX_HEADS];
+    int64_t      ktile_n[ICE_MAX_HEADS];    // cells copied
 };
 
 struct ice_attn_state {
@@ -123,6 +131,9 @@ struct ice_attn_state {
     bool   own_scratch;
     struct ice_attn_counts cnt;              // rows answered and cells attended (since init; atomic adds)
 };
+
+// Thread ith's scratch (created on first use; NULL when out of memory).
+struct ice_thread * ice_attn_thread(struct ice_attn_state * st, int ith);
 
 // Validates io; fills the common sizes.
 struct ice_dims {

@@ -1,5 +1,5 @@
-// simd.c - dot products, axpys, f16 row conversion, exp sums and the tiled ranking, with run-time
-// dispatch (ice_simd_level, shared with simd_select.c's selection kernels).
+// simd.c - dot products, axpys, f16 row conversion and exp sums, with run-time dispatch
+// (ice_simd_level, shared with simd_select.c's selection kernels and simd_tiles.c's tiled dot products).
 //
 // x86-64 with GCC/Clang: AVX-512F and AVX2+FMA(+F16C) variants are compiled with
 // target attributes and picked once with __builtin_cpu_supports. Elsewhere (aarch64,
@@ -49,17 +49,6 @@ static float exp_sum_scalar(float * x, int64_t n, float mx) {
     float sum = 0;
     for (int64_t i = 0; i < n; i++) { x[i] = expf(x[i] - mx); sum += x[i]; }
     return sum;
-}
-
-static void dots_tiles_scalar(const float * a, int64_t na, const uint16_t * tiles, int64_t cnt, int64_t n, float * out) {
-    for (int64_t j = 0; j < na; j++) {
-        for (int64_t i = 0; i < cnt; i++) {
-            const uint16_t * col = tiles + (i / ICE_TILE) * n * ICE_TILE + i % ICE_TILE;
-            float acc = 0.0f;
-            for (int64_t d = 0; d < n; d++) acc += a[j * n + d] * ice_f16_to_f32(col[d * ICE_TILE]);
-            out[j * cnt + i] = acc;
-        }
-    }
 }
 
 static void dots_rows_generic(const float * a, const char * base, size_t stride, enum ice_type t, const int32_t * idx,
@@ -261,62 +250,6 @@ static void axpys_rows_avx2(float * y, const float * w, const char * base, size_
     else axpys_rows_avx2_n(y, w, base, stride, t, idx, cnt, n / 8);
 }
 
-// Queries four at a time, each pass an instance of FN with a constant query count m (1..4), so its
-// accumulators stay in registers.
-#define ICE_TILES_BY_FOUR(FN)                                                                             \
-    for (int64_t j0 = 0; j0 < na; j0 += 4) {                                                              \
-        const int64_t m = na - j0 < 4 ? na - j0 : 4;                                                      \
-        const float * aj = a + j0 * n;                                                                    \
-        float * oj = out + j0 * cnt;                                                                      \
-        if (m == 4) FN(aj, 4, tiles, cnt, n, oj, cnt);                                                    \
-        else if (m == 3) FN(aj, 3, tiles, cnt, n, oj, cnt);                                               \
-        else if (m == 2) FN(aj, 2, tiles, cnt, n, oj, cnt);                                               \
-        else FN(aj, 1, tiles, cnt, n, oj, cnt);                                                           \
-    }
-
-// Tiled rows (ICE_TILE = 16 rows per tile, element d of the tile's rows contiguous): a query
-// element times one vector of row elements, no horizontal sums. m <= 4 queries a pass (a constant where
-// inlined) share each conversion; one accumulator chain per query and half tile, two for a lone query
-// (d even / odd), so the FMAs do not wait on each other.
-__attribute__((target("avx2,fma,f16c"), always_inline))
-static inline void dots_tiles_avx2_m(const float * a, int m, const uint16_t * tiles, int64_t cnt, int64_t n,
-        float * out, int64_t ostride) {
-    const int E = m == 1 ? 2 : 1;
-    for (int64_t i = 0; i < cnt; i += ICE_TILE) {
-        const uint16_t * tile = tiles + (i / ICE_TILE) * n * ICE_TILE;
-        __m256 acc[4][2][2];   // [query][half][chain]
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; j++) for (int hh = 0; hh < 2; hh++) for (int e = 0; e < 2; e++) acc[j][hh][e] = _mm256_setzero_ps();
-        for (int64_t d = 0; d < n; d += 2) {
-#pragma GCC unroll 2
-            for (int e = 0; e < 2; e++) {
-                const uint16_t * row = tile + (d + e) * ICE_TILE;
-                const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)row));
-                const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(row + 8)));
-                const int c = E == 2 ? e : 0;
-#pragma GCC unroll 4
-                for (int j = 0; j < m; j++) {
-                    const __m256 bj = _mm256_broadcast_ss(a + j * n + d + e);
-                    acc[j][0][c] = _mm256_fmadd_ps(bj, lo, acc[j][0][c]);
-                    acc[j][1][c] = _mm256_fmadd_ps(bj, hi, acc[j][1][c]);
-                }
-            }
-        }
-        const int64_t k = cnt - i < ICE_TILE ? cnt - i : ICE_TILE;
-        for (int j = 0; j < m; j++) {
-            float r[ICE_TILE];
-            _mm256_storeu_ps(r, _mm256_add_ps(acc[j][0][0], acc[j][0][1]));
-            _mm256_storeu_ps(r + 8, _mm256_add_ps(acc[j][1][0], acc[j][1][1]));
-            memcpy(out + j * ostride + i, r, (size_t)k * sizeof(float));
-        }
-    }
-}
-
-__attribute__((target("avx2,fma,f16c")))
-static void dots_tiles_avx2(const float * a, int64_t na, const uint16_t * tiles, int64_t cnt, int64_t n, float * out) {
-    ICE_TILES_BY_FOUR(dots_tiles_avx2_m)
-}
-
 // ---- AVX-512F --------------------------------------------------------------
 
 __attribute__((target("avx512f")))
@@ -401,37 +334,6 @@ static float exp_sum_avx512(float * x, int64_t n, float mx) {
         s = _mm512_add_ps(s, e);
     }
     return _mm512_reduce_add_ps(s);
-}
-
-// Tiled rows (see dots_tiles_avx2): m <= 4 queries a pass (a constant where inlined), four accumulator
-// chains each (d mod 4).
-__attribute__((target("avx512f"), always_inline))
-static inline void dots_tiles_avx512_m(const float * a, int m, const uint16_t * tiles, int64_t cnt, int64_t n,
-        float * out, int64_t ostride) {
-    for (int64_t i = 0; i < cnt; i += ICE_TILE) {
-        const uint16_t * tile = tiles + (i / ICE_TILE) * n * ICE_TILE;
-        __m512 acc[4][4];   // [query][chain]
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; j++) for (int e = 0; e < 4; e++) acc[j][e] = _mm512_setzero_ps();
-        for (int64_t d = 0; d < n; d += 4) {
-#pragma GCC unroll 4
-            for (int e = 0; e < 4; e++) {
-                const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(tile + (d + e) * ICE_TILE)));
-#pragma GCC unroll 4
-                for (int j = 0; j < m; j++) acc[j][e] = _mm512_fmadd_ps(_mm512_set1_ps(a[j * n + d + e]), x, acc[j][e]);
-            }
-        }
-        const __mmask16 keep = cnt - i >= ICE_TILE ? (__mmask16)0xffff : (__mmask16)((1u << (cnt - i)) - 1);
-        for (int j = 0; j < m; j++) {
-            const __m512 r = _mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]), _mm512_add_ps(acc[j][2], acc[j][3]));
-            _mm512_mask_storeu_ps(out + j * ostride + i, keep, r);
-        }
-    }
-}
-
-__attribute__((target("avx512f")))
-static void dots_tiles_avx512(const float * a, int64_t na, const uint16_t * tiles, int64_t cnt, int64_t n, float * out) {
-    ICE_TILES_BY_FOUR(dots_tiles_avx512_m)
 }
 
 // Batched forms for rows of 16k elements: the query (resp. the output) stays in registers across
@@ -673,14 +575,6 @@ void ice_dots_rows(const float * a, const char * base, size_t stride, enum ice_t
     if (batched_avx2(n)) { dots_rows_avx2(a, base, stride, t, idx, cnt, n, out); return; }
 #endif
     dots_rows_generic(a, base, stride, t, idx, cnt, n, out);
-}
-
-void ice_dots_tiles(const float * a, int64_t na, const uint16_t * tiles, int64_t cnt, int64_t n, float * out) {
-#ifdef ICE_X86_DISPATCH
-    if (ice_simd_level() == ICE_SIMD_AVX512 && n % 4 == 0) { dots_tiles_avx512(a, na, tiles, cnt, n, out); return; }
-    if (ice_simd_level() == ICE_SIMD_AVX2 && n % 2 == 0) { dots_tiles_avx2(a, na, tiles, cnt, n, out); return; }
-#endif
-    dots_tiles_scalar(a, na, tiles, cnt, n, out);
 }
 
 void ice_axpys_rows_multi(float * y, int64_t na, const float * w, const char * base, size_t stride, enum ice_type t,
