@@ -63,6 +63,35 @@ static void dots_tile_list_scalar(const float * a, int64_t na, const uint16_t * 
         else FN(aj, 1, tiles, tile, pos, nt, n, oj, ostride);                                             \
     }
 
+// The contiguous form (dots_tiles_ISA) and the listed one (dots_tile_list_ISA) of one instruction set,
+// both over its per-tile body tile_dots_ISA, compiled for TARGET.
+#define ICE_TILE_FORMS(TARGET, ISA)                                                                       \
+    __attribute__((target(TARGET), always_inline))                                                        \
+    static inline void dots_tiles_##ISA##_m(const float * a, int m, const uint16_t * tiles, int64_t cnt,  \
+            int64_t n, float * out, int64_t ostride) {                                                    \
+        for (int64_t i = 0; i < cnt; i += ICE_TILE) {                                                     \
+            tile_dots_##ISA(a, m, tiles + (i / ICE_TILE) * n * ICE_TILE, n,                               \
+                            cnt - i < ICE_TILE ? cnt - i : ICE_TILE, out + i, ostride);                   \
+        }                                                                                                 \
+    }                                                                                                     \
+    __attribute__((target(TARGET)))                                                                       \
+    static void dots_tiles_##ISA(const float * a, int64_t na, const uint16_t * tiles, int64_t cnt,        \
+            int64_t n, float * out) {                                                                     \
+        ICE_TILES_BY_FOUR(dots_tiles_##ISA##_m)                                                           \
+    }                                                                                                     \
+    __attribute__((target(TARGET), always_inline))                                                        \
+    static inline void dots_tile_list_##ISA##_m(const float * a, int m, const uint16_t * tiles,           \
+            const int32_t * tile, const int32_t * pos, int64_t nt, int64_t n, float * out, int64_t ostride) { \
+        for (int64_t k = 0; k < nt; k++) {                                                                \
+            tile_dots_##ISA(a, m, tiles + (size_t)tile[k] * n * ICE_TILE, n, ICE_TILE, out + pos[k], ostride); \
+        }                                                                                                 \
+    }                                                                                                     \
+    __attribute__((target(TARGET)))                                                                       \
+    static void dots_tile_list_##ISA(const float * a, int64_t na, const uint16_t * tiles,                 \
+            const int32_t * tile, const int32_t * pos, int64_t nt, int64_t n, float * out, int64_t ostride) { \
+        ICE_TILE_LIST_BY_FOUR(dots_tile_list_##ISA##_m)                                                   \
+    }
+
 // Tiled rows (ICE_TILE = 16 rows per tile, element d of the tile's rows contiguous): a query
 // element times one vector of row elements, no horizontal sums. m <= 4 queries a pass (a constant where
 // inlined) share each conversion; one accumulator chain per query and half tile, two for a lone query
@@ -97,31 +126,7 @@ static inline void tile_dots_avx2(const float * a, int m, const uint16_t * tile,
     }
 }
 
-__attribute__((target("avx2,fma,f16c"), always_inline))
-static inline void dots_tiles_avx2_m(const float * a, int m, const uint16_t * tiles, int64_t cnt, int64_t n,
-        float * out, int64_t ostride) {
-    for (int64_t i = 0; i < cnt; i += ICE_TILE) {
-        tile_dots_avx2(a, m, tiles + (i / ICE_TILE) * n * ICE_TILE, n, cnt - i < ICE_TILE ? cnt - i : ICE_TILE,
-                       out + i, ostride);
-    }
-}
-
-__attribute__((target("avx2,fma,f16c")))
-static void dots_tiles_avx2(const float * a, int64_t na, const uint16_t * tiles, int64_t cnt, int64_t n, float * out) {
-    ICE_TILES_BY_FOUR(dots_tiles_avx2_m)
-}
-
-__attribute__((target("avx2,fma,f16c"), always_inline))
-static inline void dots_tile_list_avx2_m(const float * a, int m, const uint16_t * tiles, const int32_t * tile,
-        const int32_t * pos, int64_t nt, int64_t n, float * out, int64_t ostride) {
-    for (int64_t k = 0; k < nt; k++) tile_dots_avx2(a, m, tiles + (size_t)tile[k] * n * ICE_TILE, n, ICE_TILE, out + pos[k], ostride);
-}
-
-__attribute__((target("avx2,fma,f16c")))
-static void dots_tile_list_avx2(const float * a, int64_t na, const uint16_t * tiles, const int32_t * tile,
-        const int32_t * pos, int64_t nt, int64_t n, float * out, int64_t ostride) {
-    ICE_TILE_LIST_BY_FOUR(dots_tile_list_avx2_m)
-}
+ICE_TILE_FORMS("avx2,fma,f16c", avx2)
 
 // ---- AVX-512F --------------------------------------------------------------
 
@@ -148,31 +153,7 @@ static inline void tile_dots_avx512(const float * a, int m, const uint16_t * til
     }
 }
 
-__attribute__((target("avx512f"), always_inline))
-static inline void dots_tiles_avx512_m(const float * a, int m, const uint16_t * tiles, int64_t cnt, int64_t n,
-        float * out, int64_t ostride) {
-    for (int64_t i = 0; i < cnt; i += ICE_TILE) {
-        tile_dots_avx512(a, m, tiles + (i / ICE_TILE) * n * ICE_TILE, n, cnt - i < ICE_TILE ? cnt - i : ICE_TILE,
-                         out + i, ostride);
-    }
-}
-
-__attribute__((target("avx512f")))
-static void dots_tiles_avx512(const float * a, int64_t na, const uint16_t * tiles, int64_t cnt, int64_t n, float * out) {
-    ICE_TILES_BY_FOUR(dots_tiles_avx512_m)
-}
-
-__attribute__((target("avx512f"), always_inline))
-static inline void dots_tile_list_avx512_m(const float * a, int m, const uint16_t * tiles, const int32_t * tile,
-        const int32_t * pos, int64_t nt, int64_t n, float * out, int64_t ostride) {
-    for (int64_t k = 0; k < nt; k++) tile_dots_avx512(a, m, tiles + (size_t)tile[k] * n * ICE_TILE, n, ICE_TILE, out + pos[k], ostride);
-}
-
-__attribute__((target("avx512f")))
-static void dots_tile_list_avx512(const float * a, int64_t na, const uint16_t * tiles, const int32_t * tile,
-        const int32_t * pos, int64_t nt, int64_t n, float * out, int64_t ostride) {
-    ICE_TILE_LIST_BY_FOUR(dots_tile_list_avx512_m)
-}
+ICE_TILE_FORMS("avx512f", avx512)
 #endif
 
 // ---- dispatch ----------------------------------------------------------------
