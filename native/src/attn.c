@@ -23,7 +23,7 @@ static void count_row(struct ice_thread * th, int64_t heads) {
 }
 
 static struct ice_head * head_of(const struct ice_attn_state * st, const struct ice_dims * dm, int64_t s, int64_t hk) {
-    return st->heads[(dm->stream0 + s) * dm->n_head_kv + hk];
+    return ice_state_head(st, (dm->stream0 + s) * dm->n_head_kv + hk);
 }
 
 // ---- forward -------------------------------------------------------------------
@@ -136,7 +136,7 @@ static void slice_softmax(const struct ice_attn_io * io, const void * mrow, cons
 }
 
 // out[j*ostride + i] = q_j . key of cells[i], i < n, for the na query rows q (na*d_k floats). With the
-// tiled keys kt (tile_keys), the list's whole tiles (ICE_TILE consecutive cells from a multiple of it: a
+// tiled keys kt (attn_state.c's tile_keys), the list's whole tiles (ICE_TILE consecutive cells from a multiple of it: a
 // chosen block's visible cells) are read from them, the other cells row by row.
 static void kv_dots(const struct ice_kv * kv, const uint16_t * kt, struct ice_thread * th, const float * q, int64_t na,
         const int32_t * cells, int64_t n, float * out, int64_t ostride) {
@@ -459,9 +459,8 @@ static enum ice_status forward_group(struct ice_attn_state * st, struct ice_thre
         return rc;
     }
     struct ice_half * hv[2] = { &th->half[parts == ICE_HALVES ? 2 : 0], &th->half[parts == ICE_HALVES ? 3 : 1] };
-    const int64_t slot = (dm->stream0 + s) * dm->n_head_kv + hk;
-    const struct ice_attn_scratch * sc = st->scratch;
-    const uint16_t * kt = sc->ktile_src[slot] == kv.k && sc->ktile_n[slot] >= dm->n_kv ? sc->ktile[slot] : NULL;
+    // prepare's tiled keys, unless the thread holding them has since prepared again (another layer)
+    const uint16_t * kt = h->kt && h->kt_th->ktiles_gen == h->kt_gen ? h->kt : NULL;
     for (int which = 0; which < 2; which++) {
         if ((parts & (1 << which)) && half_reserve(hv[which], na, dv)) return group_failed(th, io, dm, s, t, g0, parts, ICE_STATUS_NO_MEMORY, pending);
     }

@@ -43,6 +43,11 @@ struct ice_head {
     float   * bk;       size_t bk_cap;       // n_blocks*d_k: sum of keys
     float   * bv;       size_t bv_cap;       // n_blocks*d_v: sum of values
     bool      has_sums;                      // bk and bv are up to date
+    // this call's keys in tiles (prepare's tile_keys; NULL: none), held by thread kt_th's ktiles and valid
+    // while its ktiles_gen is kt_gen: its next prepare, for any layer sharing the scratch, reuses them
+    const uint16_t * kt;
+    const struct ice_thread * kt_th;
+    uint64_t  kt_gen;
 };
 
 // One half of the softmax of the rows of a GQA group (a row's attended cells are split in two at n/2,
@@ -105,6 +110,12 @@ struct ice_thread {
     uint8_t * dirty;    size_t dirty_cap;    // per block: to recompute
     float   * k32;      size_t k32_cap;      // all keys as f32 while a DCI index is built (freed after)
     uint8_t * stat;     size_t stat_cap;     // cells whose keys set the DCI embedding's mean and M
+    // Many-row evaluations (prefill): the keys of the KV heads this thread prepares, copied into tiles
+    // (ICE_TILE cells, element-major, fp16: ice_tile_at), so forward's dot products over whole chosen
+    // blocks need no horizontal sums and one conversion serves every head of a group. One layer's at a
+    // time: each prepare call moves ktiles_gen on, which retires the copies of the call before.
+    uint16_t * ktiles;  size_t ktiles_cap;
+    uint64_t  ktiles_gen;
 };
 
 // Working memory of prepare and forward, per thread; nothing in it outlives one call, so the states of
@@ -115,22 +126,26 @@ struct ice_attn_scratch {
     // forward: slot j joins the two halves of the group split between thread j (its second half) and the
     // thread before it (atomic exchange; NULL between forward calls)
     struct ice_half   * join[ICE_MAX_THREADS];
-    // Many-row evaluations (prefill): each (stream, KV head)'s keys copied by prepare into tiles (ICE_TILE
-    // cells, element-major, fp16; ice_tile_at), so forward's dot products over whole chosen blocks need
-    // no horizontal sums and one conversion serves every head of the group. Per slot like ice_attn_state's
-    // heads, and valid for one call: ktile_src is the key view it was copied from, NULL when not built.
-    uint16_t   * ktile[ICE_MAX_HEADS];  size_t ktile_cap[ICE_MAX_HEADS];
-    const char * ktile_src[ICE_MAX_HEADS];
-    int64_t      ktile_n[ICE_MAX_HEADS];    // cells copied
 };
+
+// Slots (stream * n_head_kv + KV head) per block of a state's heads, allocated when first prepared: a
+// flat array for ICE_MAX_HEADS slots was 64 KiB per layer whatever the model, a tenth of a short
+// context's KV cache.
+#define ICE_HEAD_BLOCK 64
 
 struct ice_attn_state {
     struct ice_attn_params p;
-    struct ice_head   * heads[ICE_MAX_HEADS];
+    struct ice_head  ** heads[ICE_MAX_HEADS / ICE_HEAD_BLOCK];   // blocks of ICE_HEAD_BLOCK slots, or NULL
     struct ice_attn_scratch * scratch;       // owned, or borrowed (ice_attn_state_init_shared)
     bool   own_scratch;
     struct ice_attn_counts cnt;              // rows answered and cells attended (since init; atomic adds)
 };
+
+// The head of a slot, NULL when never prepared.
+static inline struct ice_head * ice_state_head(const struct ice_attn_state * st, int64_t slot) {
+    struct ice_head ** b = __atomic_load_n(&st->heads[slot / ICE_HEAD_BLOCK], __ATOMIC_ACQUIRE);
+    return b ? b[slot % ICE_HEAD_BLOCK] : NULL;
+}
 
 // Thread ith's scratch (created on first use; NULL when out of memory).
 struct ice_thread * ice_attn_thread(struct ice_attn_state * st, int ith);

@@ -5,7 +5,7 @@
 // when the caller's cache versions say nothing but this op's writes changed the stream since the
 // state's last update, recomputed only for the blocks of the cells this evaluation writes. Keys and
 // values are read in place (f16); for evaluations of many rows (prefill) prepare also copies the keys
-// into tiles in the scratch (tile_keys), which forward reads whole blocks from. forward is in attn.c.
+// into tiles in the thread's scratch (tile_keys), which forward reads whole blocks from. forward is in attn.c.
 
 #include "attn_internal.h"
 
@@ -68,6 +68,7 @@ static void thread_free(struct ice_thread * t) {
     ice_dci_scratch_free(&t->dci);
     free(t->vis); free(t->vis_bcnt); free(t->q); free(t->sc); free(t->qk); free(t->bcov); free(t->bkey); free(t->bmass); free(t->gq); free(t->bqk); free(t->q2); free(t->bsp); free(t->partial); free(t->uni); free(t->stamp);
     free(t->heap_s); free(t->heap_i); free(t->w); free(t->tmp); free(t->krow); free(t->dirty); free(t->k32); free(t->stat);
+    free(t->ktiles);
     for (int i = 0; i < 4; i++) free(t->half[i].buf);
     free(t->gqa_q); free(t->gsc); free(t->hcells); free(t->hoff); free(t->tl);
     free(t);
@@ -76,13 +77,16 @@ static void thread_free(struct ice_thread * t) {
 void ice_attn_scratch_free(struct ice_attn_scratch * scratch) {
     if (!scratch) return;
     for (int i = 0; i < ICE_MAX_THREADS; i++) thread_free(scratch->threads[i]);
-    for (int i = 0; i < ICE_MAX_HEADS; i++) free(scratch->ktile[i]);
     free(scratch);
 }
 
 void ice_attn_state_free(struct ice_attn_state * state) {
     if (!state) return;
-    for (int i = 0; i < ICE_MAX_HEADS; i++) head_free(state->heads[i]);
+    for (int b = 0; b < ICE_MAX_HEADS / ICE_HEAD_BLOCK; b++) {
+        if (!state->heads[b]) continue;
+        for (int i = 0; i < ICE_HEAD_BLOCK; i++) head_free(state->heads[b][i]);
+        free(state->heads[b]);
+    }
     if (state->own_scratch) ice_attn_scratch_free(state->scratch);
     free(state);
 }
@@ -90,10 +94,13 @@ void ice_attn_state_free(struct ice_attn_state * state) {
 size_t ice_attn_state_memory(const struct ice_attn_state * state) {
     if (!state) return 0;
     size_t b = sizeof *state;
-    for (int i = 0; i < ICE_MAX_HEADS; i++) {
-        const struct ice_head * h = state->heads[i];
-        if (!h) continue;
-        b += sizeof *h + h->bcount_cap + h->rmean_cap + h->rvar_cap + h->bk_cap + h->bv_cap + ice_dci_memory(&h->dci);
+    for (int k = 0; k < ICE_MAX_HEADS / ICE_HEAD_BLOCK; k++) {
+        if (!state->heads[k]) continue;
+        b += ICE_HEAD_BLOCK * sizeof *state->heads[k];
+        for (int i = 0; i < ICE_HEAD_BLOCK; i++) {
+            const struct ice_head * h = state->heads[k][i];
+            if (h) b += sizeof *h + h->bcount_cap + h->rmean_cap + h->rvar_cap + h->bk_cap + h->bv_cap + ice_dci_memory(&h->dci);
+        }
     }
     return b + (state->own_scratch ? ice_attn_scratch_memory(state->scratch) : 0);
 }
@@ -106,11 +113,11 @@ size_t ice_attn_scratch_memory(const struct ice_attn_scratch * scratch) {
         if (!t) continue;
         b += sizeof *t + t->dci.cnt_cap + t->dci.cand_cap + t->dci.touched_cap + t->dci.qn_cap +
              t->vis_cap + t->vis_bcnt_cap + t->q_cap + t->sc_cap + t->qk_cap + t->bcov_cap + t->bkey_cap + t->bmass_cap + t->gq_cap + t->bqk_cap + t->q2_cap + t->bsp_cap + t->partial_cap + t->uni_cap + t->stamp_cap +
-             t->heap_s_cap + t->heap_i_cap + t->w_cap + t->tmp_cap + t->krow_cap + t->dirty_cap + t->k32_cap + t->stat_cap;
+             t->heap_s_cap + t->heap_i_cap + t->w_cap + t->tmp_cap + t->krow_cap + t->dirty_cap + t->k32_cap + t->stat_cap +
+             t->ktiles_cap;
         for (int j = 0; j < 4; j++) b += t->half[j].buf_cap;
         b += t->gqa_q_cap + t->gsc_cap + t->hcells_cap + t->hoff_cap + t->tl_cap;
     }
-    for (int i = 0; i < ICE_MAX_HEADS; i++) b += scratch->ktile_cap[i];
     return b;
 }
 
@@ -190,17 +197,18 @@ static int dci_update(const struct ice_attn_params * p, struct ice_head * h, str
 // products over every cell would, and each row of each head reads about half of the cells.
 #define ICE_KEY_TILE_MIN_ROWS 16
 
-// The scratch's tiled copy of this call's keys for `slot` (see ice_attn_scratch), when it pays: many rows,
-// f16 keys, blocks of whole tiles and no per-row k-NN search or tail estimate (which read keys their own
-// way). Otherwise, or without the memory, marked absent: forward then reads rows in place.
-static void tile_keys(struct ice_attn_scratch * sc, int64_t slot, const struct ice_attn_params * p,
-        const struct ice_dims * dm, const struct ice_kv * kv) {
-    sc->ktile_src[slot] = NULL;
-    const int64_t n_kv = dm->n_kv, dk = dm->d_k, nt = (n_kv + ICE_TILE - 1) / ICE_TILE;
-    if (dm->n_tok < ICE_KEY_TILE_MIN_ROWS || kv->kt != ICE_TYPE_F16 || p->top_blocks == 0 || p->block_size % ICE_TILE ||
-        p->top_k > 0 || p->tail_estimate) return;
-    if (ICE_RESERVE(&sc->ktile[slot], &sc->ktile_cap[slot], nt * ICE_TILE * dk, 0)) return;
-    uint16_t * kt = sc->ktile[slot];
+// Whether this call copies its keys into tiles (tile_keys): when it pays, many rows, f16 keys, blocks of
+// whole tiles and no per-row k-NN search or tail estimate (which read keys their own way); and only where
+// the tiles give the row path's bits (ice_tiles_match_rows: AVX-512), so a ubatch's size never changes
+// what it computes.
+static bool want_key_tiles(const struct ice_attn_params * p, const struct ice_dims * dm, const struct ice_attn_io * io) {
+    return dm->n_tok >= ICE_KEY_TILE_MIN_ROWS && io->k.type == ICE_TYPE_F16 && p->top_blocks > 0 &&
+           p->block_size % ICE_TILE == 0 && p->top_k == 0 && !p->tail_estimate && ice_tiles_match_rows(dm->d_k);
+}
+
+// Copies the n_kv keys of kv into tiles at kt (whole tiles, the last padded with zeros) for forward.
+static void tile_keys(uint16_t * kt, const struct ice_dims * dm, const struct ice_kv * kv) {
+    const int64_t n_kv = dm->n_kv, dk = dm->d_k;
     for (int64_t c0 = 0; c0 < n_kv; c0 += ICE_TILE) {
         uint16_t * t = kt + (size_t)c0 * dk;
         const int64_t nr = n_kv - c0 < ICE_TILE ? n_kv - c0 : ICE_TILE;
@@ -210,21 +218,34 @@ static void tile_keys(struct ice_attn_scratch * sc, int64_t slot, const struct i
         }
         for (int64_t r = nr; r < ICE_TILE; r++) for (int64_t d = 0; d < dk; d++) t[d * ICE_TILE + r] = 0;
     }
-    sc->ktile_src[slot] = kv->k;
-    sc->ktile_n[slot] = n_kv;
 }
 
+// kt: room for this head's tiled keys, or NULL when the call makes none.
 static enum ice_status prepare_head(struct ice_attn_state * st, struct ice_thread * th, const struct ice_attn_io * io,
-        const struct ice_dims * dm, int64_t s, int64_t hk) {
+        const struct ice_dims * dm, int64_t s, int64_t hk, uint16_t * kt) {
     const struct ice_attn_params * p = &st->p;
     const int64_t slot = (dm->stream0 + s) * dm->n_head_kv + hk;
     if (slot >= ICE_MAX_HEADS) return ICE_STATUS_UNSUPPORTED;
-    st->scratch->ktile_src[slot] = NULL;   // a previous call's copy (this layer's or another's) is stale
-    if (!st->heads[slot]) {
-        st->heads[slot] = calloc(1, sizeof(struct ice_head));
-        if (!st->heads[slot]) return ICE_STATUS_NO_MEMORY;
+    struct ice_head ** blk = __atomic_load_n(&st->heads[slot / ICE_HEAD_BLOCK], __ATOMIC_ACQUIRE);
+    if (!blk) {
+        // threads preparing slots of one block race to add it: the first wins, the others free theirs
+        struct ice_head ** mine = calloc(ICE_HEAD_BLOCK, sizeof *mine), ** none = NULL;
+        if (!mine) return ICE_STATUS_NO_MEMORY;
+        if (__atomic_compare_exchange_n(&st->heads[slot / ICE_HEAD_BLOCK], &none, mine, false, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE)) {
+            blk = mine;
+        } else {
+            free(mine);
+            blk = none;   // the winner's block
+        }
     }
-    struct ice_head * h = st->heads[slot];
+    struct ice_head ** hp = &blk[slot % ICE_HEAD_BLOCK];   // this thread's slot: no other writes it
+    if (!*hp) {
+        *hp = calloc(1, sizeof(struct ice_head));
+        if (!*hp) return ICE_STATUS_NO_MEMORY;
+    }
+    struct ice_head * h = *hp;
+    h->kt = NULL;
     struct ice_kv kv;
     ice_kv_of(&kv, io, hk, s);
     const int64_t n_kv = dm->n_kv, B = p->block_size;
@@ -281,7 +302,10 @@ static enum ice_status prepare_head(struct ice_attn_state * st, struct ice_threa
     h->indexed = true;
     h->epoch = persist ? io->epoch_after : 0;
     h->status = ICE_STATUS_OK;
-    tile_keys(st->scratch, slot, p, dm, &kv);
+    if (kt) {
+        tile_keys(kt, dm, &kv);
+        h->kt = kt; h->kt_th = th; h->kt_gen = th->ktiles_gen;
+    }
     return ICE_STATUS_OK;
 }
 
@@ -293,9 +317,14 @@ enum ice_status ice_attn_prepare(struct ice_attn_state * st, const struct ice_at
     if ((dm.stream0 + dm.n_stream) * dm.n_head_kv > ICE_MAX_HEADS) return ICE_STATUS_UNSUPPORTED;
     struct ice_thread * th = ice_attn_thread(st, ith);
     if (!th) return ICE_STATUS_NO_MEMORY;
-    const int64_t n_pairs = dm.n_stream * dm.n_head_kv;
-    for (int64_t pi = ith; pi < n_pairs; pi += nth) {
-        const enum ice_status r = prepare_head(st, th, io, &dm, pi / dm.n_head_kv, pi % dm.n_head_kv);
+    const int64_t n_pairs = dm.n_stream * dm.n_head_kv, n_mine = n_pairs > ith ? (n_pairs - ith + nth - 1) / nth : 0;
+    const int64_t per = (dm.n_kv + ICE_TILE - 1) / ICE_TILE * ICE_TILE * dm.d_k;   // one head's tiled keys
+    th->ktiles_gen++;   // the tiles this thread copied before (another layer's, or this one's) are stale
+    // without the memory, forward reads rows in place
+    const bool tiles = want_key_tiles(&st->p, &dm, io) && !ICE_RESERVE(&th->ktiles, &th->ktiles_cap, n_mine * per, 0);
+    for (int64_t pi = ith, k = 0; pi < n_pairs; pi += nth, k++) {
+        const enum ice_status r = prepare_head(st, th, io, &dm, pi / dm.n_head_kv, pi % dm.n_head_kv,
+                                               tiles ? th->ktiles + k * per : NULL);
         if (r != ICE_STATUS_OK) rc = r;
     }
     return rc;

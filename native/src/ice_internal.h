@@ -108,9 +108,11 @@ static inline size_t ice_tile_at(int64_t i, int64_t d, int64_t n) {
 //   into out (their lanes are computed and dropped).
 void  ice_dots_tiles(const float * a, int64_t na, const uint16_t * tiles, int64_t cnt, int64_t n, float * out);
 //   The same for whole tiles picked from a list: out[j*ostride + pos[k] + r] = a_j . row r of tile tile[k],
-//   r < ICE_TILE, k < nt (tile t at tiles + t*n*ICE_TILE).
+//   r < ICE_TILE, k < nt (tile t at tiles + t*n*ICE_TILE). Where ice_tiles_match_rows(n), each result has
+//   the bits ice_dots_rows gives for the same row and query (the same sums in the same order).
 void  ice_dots_tile_list(const float * a, int64_t na, const uint16_t * tiles, const int32_t * tile, const int32_t * pos,
         int64_t nt, int64_t n, float * out, int64_t ostride);
+bool  ice_tiles_match_rows(int64_t n);
 // Softmax numerators: x[i] = exp(x[i] - mx) for i < n, returns their sum. The vector variants use a
 // polynomial (relative error about 1e-7 against expf); arguments below -87.3 give 0.
 float ice_exp_sum(float * x, int64_t n, float mx);

@@ -367,17 +367,25 @@ static inline void dots_rows_avx512_n(const float * a, const char * base, size_t
     __m512 qa[16] = { 0 };
 #pragma GCC unroll 16
     for (int64_t c = 0; c < nc; c++) qa[c] = _mm512_loadu_ps(a + 16 * c);
-    int64_t i = 0;
-    for (; i + 8 <= cnt; i += 8) {
+    // every row summed the same way, a last partial group included (its missing rows repeat the last
+    // one): a row's bits do not depend on its place in the list, so the tiled form can give the same ones
+    // (ice_dots_tile_list: per lane, S_l = p_l + p_{l+8}, then ((S0+S1)+(S2+S3)) + ((S4+S5)+(S6+S7)))
+    for (int64_t i = 0; i < cnt; i += 8) {
         __m256 y[8];
 #pragma GCC unroll 8
-        for (int r = 0; r < 8; r++) y[r] = half_sum(row_acc(qa, nc, base + (size_t)(idx ? idx[i + r] : i + r) * stride, t));
+        for (int r = 0; r < 8; r++) {
+            const int64_t ir = i + r < cnt ? i + r : cnt - 1;
+            y[r] = half_sum(row_acc(qa, nc, base + (size_t)(idx ? idx[ir] : ir) * stride, t));
+        }
         const __m256 t0 = _mm256_hadd_ps(y[0], y[1]), t1 = _mm256_hadd_ps(y[2], y[3]);
         const __m256 t2 = _mm256_hadd_ps(y[4], y[5]), t3 = _mm256_hadd_ps(y[6], y[7]);
         const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-        _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+        const __m256 r8 = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+        if (i + 8 <= cnt) { _mm256_storeu_ps(out + i, r8); continue; }
+        float tmp[8];
+        _mm256_storeu_ps(tmp, r8);
+        memcpy(out + i, tmp, (size_t)(cnt - i) * sizeof(float));
     }
-    for (; i < cnt; i++) out[i] = _mm512_reduce_add_ps(row_acc(qa, nc, base + (size_t)(idx ? idx[i] : i) * stride, t));
 }
 
 __attribute__((target("avx512f")))

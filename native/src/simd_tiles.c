@@ -63,9 +63,9 @@ static void dots_tile_list_scalar(const float * a, int64_t na, const uint16_t * 
         else FN(aj, 1, tiles, tile, pos, nt, n, oj, ostride);                                             \
     }
 
-// The contiguous form (dots_tiles_ISA) and the listed one (dots_tile_list_ISA) of one instruction set,
-// both over its per-tile body tile_dots_ISA, compiled for TARGET.
-#define ICE_TILE_FORMS(TARGET, ISA)                                                                       \
+// The contiguous form (dots_tiles_ISA, over the per-tile body tile_dots_ISA) and the listed one
+// (dots_tile_list_ISA, over LIST_TILE) of one instruction set, compiled for TARGET.
+#define ICE_TILE_FORMS(TARGET, ISA, LIST_TILE)                                                            \
     __attribute__((target(TARGET), always_inline))                                                        \
     static inline void dots_tiles_##ISA##_m(const float * a, int m, const uint16_t * tiles, int64_t cnt,  \
             int64_t n, float * out, int64_t ostride) {                                                    \
@@ -83,7 +83,7 @@ static void dots_tile_list_scalar(const float * a, int64_t na, const uint16_t * 
     static inline void dots_tile_list_##ISA##_m(const float * a, int m, const uint16_t * tiles,           \
             const int32_t * tile, const int32_t * pos, int64_t nt, int64_t n, float * out, int64_t ostride) { \
         for (int64_t k = 0; k < nt; k++) {                                                                \
-            tile_dots_##ISA(a, m, tiles + (size_t)tile[k] * n * ICE_TILE, n, ICE_TILE, out + pos[k], ostride); \
+            LIST_TILE(a, m, tiles + (size_t)tile[k] * n * ICE_TILE, n, ICE_TILE, out + pos[k], ostride);    \
         }                                                                                                 \
     }                                                                                                     \
     __attribute__((target(TARGET)))                                                                       \
@@ -126,7 +126,7 @@ static inline void tile_dots_avx2(const float * a, int m, const uint16_t * tile,
     }
 }
 
-ICE_TILE_FORMS("avx2,fma,f16c", avx2)
+ICE_TILE_FORMS("avx2,fma,f16c", avx2, tile_dots_avx2)
 
 // ---- AVX-512F --------------------------------------------------------------
 
@@ -153,7 +153,48 @@ static inline void tile_dots_avx512(const float * a, int m, const uint16_t * til
     }
 }
 
-ICE_TILE_FORMS("avx512f", avx512)
+// One tile for m <= 4 queries, summed exactly as dots_rows_avx512 sums one row (simd.c), lane by lane:
+// p_l = q[l] k[l] then + q[16c+l] k[16c+l] for c = 1.. (one FMA chain), S_l = p_l + p_{l+8}, and
+// ((S0+S1)+(S2+S3)) + ((S4+S5)+(S6+S7)). So a key's score has the same bits read from tiles or in place,
+// whatever the rows around it: forward's results do not depend on the ubatch size. Lanes l and l+1 are
+// taken together, four FMA chains per query in flight. k is always ICE_TILE here.
+__attribute__((target("avx512f"), always_inline))
+static inline void tile_dots_rows_avx512(const float * a, int m, const uint16_t * tile, int64_t n, int64_t k,
+        float * out, int64_t ostride) {
+    (void) k;
+    const int64_t nc = n / 16;
+    __m512 u[4][2];   // [query][(S0+S1)+(S2+S3), then the same of S4..S7]
+#pragma GCC unroll 4
+    for (int l0 = 0; l0 < 8; l0 += 2) {
+        __m512 p[4][4];   // [query][p_l, p_{l+8}, p_{l+1}, p_{l+9}]
+#pragma GCC unroll 4
+        for (int e = 0; e < 4; e++) {
+            const int64_t el = l0 + (e >> 1) + 8 * (e & 1);   // element of chunk 0 for chain e
+            const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(tile + el * ICE_TILE)));
+#pragma GCC unroll 4
+            for (int j = 0; j < m; j++) p[j][e] = _mm512_mul_ps(_mm512_set1_ps(a[j * n + el]), x);
+        }
+        for (int64_t c = 1; c < nc; c++) {
+#pragma GCC unroll 4
+            for (int e = 0; e < 4; e++) {
+                const int64_t el = 16 * c + l0 + (e >> 1) + 8 * (e & 1);
+                const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)(tile + el * ICE_TILE)));
+#pragma GCC unroll 4
+                for (int j = 0; j < m; j++) p[j][e] = _mm512_fmadd_ps(_mm512_set1_ps(a[j * n + el]), x, p[j][e]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < m; j++) {
+            const __m512 pair = _mm512_add_ps(_mm512_add_ps(p[j][0], p[j][1]), _mm512_add_ps(p[j][2], p[j][3]));   // S_l + S_{l+1}
+            const int half = l0 >> 2;
+            if ((l0 & 2) == 0) u[j][half] = pair;
+            else u[j][half] = _mm512_add_ps(u[j][half], pair);
+        }
+    }
+    for (int j = 0; j < m; j++) _mm512_storeu_ps(out + j * ostride, _mm512_add_ps(u[j][0], u[j][1]));
+}
+
+ICE_TILE_FORMS("avx512f", avx512, tile_dots_rows_avx512)
 #endif
 
 // ---- dispatch ----------------------------------------------------------------
@@ -164,6 +205,15 @@ void ice_dots_tiles(const float * a, int64_t na, const uint16_t * tiles, int64_t
     if (ice_simd_level() == ICE_SIMD_AVX2 && n % 2 == 0) { dots_tiles_avx2(a, na, tiles, cnt, n, out); return; }
 #endif
     dots_tiles_scalar(a, na, tiles, cnt, n, out);
+}
+
+bool ice_tiles_match_rows(int64_t n) {
+#ifdef ICE_X86_DISPATCH
+    return ice_simd_level() == ICE_SIMD_AVX512 && n % 16 == 0 && n >= 16 && n <= 256;
+#else
+    (void) n;
+    return false;
+#endif
 }
 
 void ice_dots_tile_list(const float * a, int64_t na, const uint16_t * tiles, const int32_t * tile, const int32_t * pos,

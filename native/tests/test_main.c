@@ -1,6 +1,7 @@
 // test_main.c - a small C driver for sanitizer runs (ASan + UBSan + LeakSanitizer):
 // index add/search/remove/free for both kinds and attention prepare/forward/dense with
-// f16 K/V, a transposed V, GQA, two streams and a causal mask, over 1 and 3 threads.
+// f16 K/V, a transposed V, GQA, two streams and a causal mask, over 1 and 3 threads; and the tiled dot
+// products against the row ones, bit for bit where they promise it (ice_tiles_match_rows).
 // Exits non-zero on a failed check; sanitizers abort on their own reports.
 
 #include "../src/ice_internal.h"
@@ -121,11 +122,42 @@ static void test_attention(bool exact, bool tail) {
     free(q); free(k); free(v); free(m); free(o1); free(o3); free(od);
 }
 
+// ice_dots_tile_list against ice_dots_rows over the same rows (f16, llama.cpp's interleaved layout):
+// equal bits for 1 to 5 queries, head sizes 64 and 128, where ice_tiles_match_rows says so.
+static void test_tiles_match_rows(void) {
+    enum { N_KV = 160, HKV = 2, NT = 4 };
+    for (int64_t n = 64; n <= 128; n += 64) {
+        if (!ice_tiles_match_rows(n)) continue;
+        uint16_t * k = malloc((size_t)N_KV * HKV * n * 2), * kt = malloc((size_t)N_KV * n * 2);
+        float * q = malloc(5 * (size_t)n * 4), * a = malloc(5 * NT * 16 * 4), * b = malloc(5 * NT * 16 * 4);
+        CHECK(k && kt && q && a && b);
+        for (int64_t i = 0; i < (int64_t)N_KV * HKV * n; i++) k[i] = ice_f32_to_f16(4.0f * frand());
+        for (int64_t c = 0; c < N_KV; c++) for (int64_t d = 0; d < n; d++) kt[ice_tile_at(c, d, n)] = k[(size_t)c * HKV * n + d];
+        const int32_t tile[NT] = { 7, 2, 9, 0 }, pos[NT] = { 0, 16, 32, 48 };
+        int32_t cells[NT * 16];
+        for (int t = 0; t < NT; t++) for (int r = 0; r < 16; r++) cells[t * 16 + r] = tile[t] * 16 + r;
+        for (int na = 1; na <= 5; na++) {
+            for (int64_t i = 0; i < na * n; i++) q[i] = frand();
+            ice_dots_tile_list(q, na, kt, tile, pos, NT, n, a, NT * 16);
+            for (int j = 0; j < na; j++) {
+                // the rows in several lists of odd lengths: a row's bits must not depend on its place
+                for (int64_t i0 = 0; i0 < NT * 16; i0 += 13) {
+                    const int64_t cnt = NT * 16 - i0 < 13 ? NT * 16 - i0 : 13;
+                    ice_dots_rows(q + j * n, (const char *)k, (size_t)HKV * n * 2, ICE_TYPE_F16, cells + i0, cnt, n, b + j * NT * 16 + i0);
+                }
+            }
+            CHECK(memcmp(a, b, (size_t)na * NT * 16 * sizeof(float)) == 0);
+        }
+        free(k); free(kt); free(q); free(a); free(b);
+    }
+}
+
 int main(void) {
     for (int s = 0; s <= 5; s++) CHECK(strlen(ice_status_str((enum ice_status)s)) > 0);
     test_index(ICE_INDEX_EXACT);
     test_index(ICE_INDEX_DCI);
     for (int e = 0; e < 2; e++) for (int t = 0; t < 2; t++) test_attention(e, t);
+    test_tiles_match_rows();
     printf("native C driver: ok (simd: %s)\n", ice_simd_name());
     return 0;
 }
