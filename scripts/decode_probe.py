@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Decode speed of the patched build alone, several attention settings in one process.
 
-    .venv/bin/python scripts/decode_probe.py default top_blocks=1,window=48 --rounds 3 -n 96
+    .venv/bin/python scripts/decode_probe.py default top_blocks=1,window=48,block_share=0 --rounds 3 -n 96
 
-Prefills a corpus document of --length tokens once and saves llama.cpp's state to a file (kept across
+(`top_blocks=1,window=48,block_share=0` reads almost nothing: the ceiling. Without `block_share=0` the
+default share of the blocks still applies.)
+
+Prefills a corpus document of --length tokens once (with --prefill's setting) and saves llama.cpp's state to a file (kept across
 runs with --state); then, for each round and each setting in turn, loads that state, sets the attention
 (`dense`, `default`, or IceFormer knobs as `name=value,...`), and decodes -n greedy tokens, timing all
 but the first two (the first rebuilds the kernel's state after the load). Prints tokens/s per round and
@@ -44,6 +47,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--state", type=Path, default=None, help="state file to reuse (default: a temporary one)")
+    ap.add_argument("--prefill", default="dense",
+                    help="setting that prefills the prompt when --state does not exist yet (default dense: a "
+                         "sparse one is faster at 32k; its cache differs a little, which a speed probe tolerates)")
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = ap.parse_args()
     if args.length < 16 or args.n_predict < 3 or args.rounds < 1:
@@ -56,10 +62,11 @@ def main() -> int:
 
     try:
         settings = {s: parse_setting(s) for s in args.settings}
+        prefill = parse_setting(args.prefill)
     except (ValueError, TypeError) as e:
         ap.error(str(e))
     iceformer_llama.use_backend("patched")
-    # the prompt is prefilled (and its state saved) with dense attention; each setting is set per round
+    # the prompt is prefilled (and its state saved) with --prefill's attention; each setting is set per round
     llm = iceformer_llama.Llama(args.model, attention="dense", n_ctx=args.length + args.n_predict + 64, n_batch=512,
                                 n_ubatch=512, n_threads=args.threads, n_threads_batch=args.threads, flash_attn=True)
     import llama_cpp
@@ -69,6 +76,7 @@ def main() -> int:
     tmp = tempfile.TemporaryDirectory()
     state = args.state or Path(tmp.name) / "state.bin"
     if not state.exists():
+        llm.set_attention(*prefill)
         llm.eval(tokens)
         saved = (llama_cpp.llama_token * len(tokens))(*tokens)
         if not llama_cpp.llama_state_save_file(ctx, str(state).encode(), saved, len(tokens)):
