@@ -6,8 +6,8 @@
 (`top_blocks=1,window=48,block_share=0` reads almost nothing: the ceiling. Without `block_share=0` the
 default share of the blocks still applies.)
 
-Prefills a corpus document of --length tokens once (with --prefill's setting) and saves llama.cpp's state to a file (kept across
-runs with --state); then, for each round and each setting in turn, loads that state, sets the attention
+Prefills a corpus document of --length tokens once (with --prefill's setting) and saves llama.cpp's
+state to a file (kept across runs with --state); then, for each round and each setting in turn, loads that state, sets the attention
 (`dense`, `default`, or IceFormer knobs as `name=value,...`), and decodes -n greedy tokens, timing all
 but the first two (the first rebuilds the kernel's state after the load). Prints tokens/s per round and
 the median. Settings alternate within one process, so machine drift hits them alike; compare builds by
