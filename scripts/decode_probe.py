@@ -11,7 +11,8 @@ state to a file (kept across runs with --state); then, for each round and each s
 (`dense`, `default`, or IceFormer knobs as `name=value,...`), and decodes -n greedy tokens, timing all
 but the first two (the first rebuilds the kernel's state after the load). Prints tokens/s per round and
 the median. Settings alternate within one process, so machine drift hits them alike; compare builds by
-alternating processes (each process loads the build `python -m iceformer_llama setup` made last).
+alternating processes (each process loads the build `python -m iceformer_llama setup` made last), and the
+kernel's AVX-512 row forms the same way, with ICEFORMER_SIMD=avx512 or avx512-ymm (printed, and in the JSON).
 A probe, not the benchmark: stock is not run here (scripts/bench.sh is the side-by-side comparison).
 """
 
@@ -106,11 +107,15 @@ def main() -> int:
             rate = (args.n_predict - 2) / (stamps[-1] - stamps[2])
             rates[name].append(rate)
             print(f"round {r}  {name:40s} {rate:7.2f} tokens/s", flush=True)
+    from iceformer_llama.runtime import native
+
+    simd = native.simd_variant()   # libllama's kernel picks its SIMD form by the same rules (ICEFORMER_SIMD)
+    print(f"simd: {simd}")
     for name, v in rates.items():
         print(f"{name:40s} median {statistics.median(v):7.2f}  [{min(v):.1f}-{max(v):.1f}]")
     if args.out:
         args.out.write_text(json.dumps({"command": " ".join(sys.argv), "length": args.length,
-                                        "n_predict": args.n_predict, "threads": args.threads,
+                                        "n_predict": args.n_predict, "threads": args.threads, "simd": simd,
                                         "tokens_per_second": rates}, indent=1) + "\n")
     llm.close()
     return 0

@@ -15,6 +15,7 @@ echo "== C driver (ASan + UBSan + LSan)"
 "$cc" -std=c11 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined,leak -fno-sanitize-recover=all \
     -Wall -Wextra -I"$root/native/include" "$root/native/tests/test_main.c" "$root"/native/src/*.c -lm -o "$tmp/test_main"
 ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" "$tmp/test_main"
+ICEFORMER_SIMD=avx512 ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" "$tmp/test_main"
 ICEFORMER_SIMD=avx2 ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" "$tmp/test_main"
 ICEFORMER_SIMD=scalar ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" "$tmp/test_main"
 

@@ -47,7 +47,8 @@ def status_str(status: int) -> str:
 
 
 def simd_variant() -> str:
-    """The SIMD variant of this process's kernels: "avx512", "avx2" or "scalar"."""
+    """The SIMD variant of this process's kernels: "avx512", "avx512-ymm" (the same results, rows converted
+    256 bits at a time: AMD Zen 4), "avx2" or "scalar"."""
     # const char * ice_simd_name(void);
     return ffi.string(lib.ice_simd_name()).decode()
 

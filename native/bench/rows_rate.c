@@ -7,7 +7,8 @@
 // KV heads, llama.cpp's layout) and packed f32 rows, and writes JSON.
 //
 //   gcc -O2 -Inative/include native/bench/rows_rate.c native/src/*.c -lm -o /tmp/rows_rate
-//   /tmp/rows_rate [out.json]        (ICEFORMER_SIMD=avx2|scalar caps the SIMD level)
+//   /tmp/rows_rate [out.json]        (ICEFORMER_SIMD=avx2|scalar caps the SIMD level; avx512 or
+//                                     avx512-ymm forces the 512- or 256-bit row forms)
 //
 // Single-threaded; run it on an idle machine and compare variants side by side.
 

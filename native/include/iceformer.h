@@ -66,8 +66,10 @@ enum ice_status {
 
 const char * ice_status_str(enum ice_status status);
 
-// The SIMD variant the kernels use in this process: "avx512", "avx2" or "scalar". Picked once from
-// the CPU; the environment variable ICEFORMER_SIMD=avx2|scalar caps it (tests of every variant).
+// The SIMD variant the kernels use in this process: "avx512", "avx512-ymm" (AVX-512 with the gathered
+// rows converted 256 bits at a time, same results; AMD Zen 4), "avx2" or "scalar". Picked once from the
+// CPU; the environment variable ICEFORMER_SIMD=avx512|avx512-ymm|avx2|scalar forces the AVX-512 form or
+// caps the level (tests of every variant).
 const char * ice_simd_name(void);
 
 // Element types of tensors passed through struct ice_view.

@@ -78,6 +78,9 @@ static inline uint16_t ice_f32_to_f16_sat(float f) {
 // The variant picked (once per process; ICEFORMER_SIMD=scalar|avx2 caps it, for tests).
 enum { ICE_SIMD_UNSET = 0, ICE_SIMD_SCALAR = 1, ICE_SIMD_AVX2 = 2, ICE_SIMD_AVX512 = 3 };
 int ice_simd_level(void);
+// At ICE_SIMD_AVX512, whether the gathered-row kernels convert and multiply 256 bits at a time (same bits
+// as the 512-bit forms; faster on Zen 4). ICEFORMER_SIMD=avx512 / avx512-ymm forces either (tests).
+int ice_simd_rows_ymm(void);
 
 float ice_dot(const float * a, const float * b, int64_t n);
 // y[i] += a * x[i]
