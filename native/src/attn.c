@@ -130,8 +130,12 @@ static void scale_scores(const struct ice_attn_io * io, const void * mrow, const
 // exp(score - max) *sum.
 static void slice_softmax(const struct ice_attn_io * io, const void * mrow, const int32_t * cells, int64_t n,
         float * sc, float * mx, float * sum) {
-    scale_scores(io, mrow, cells, n, sc);
-    *mx = ice_max(sc, n);
+    if (mrow) {
+        scale_scores(io, mrow, cells, n, sc);
+        *mx = ice_max(sc, n);
+    } else {
+        *mx = ice_scale_max(sc, n, io->scale);   // a flat mask adds nothing: scaled in the max's pass
+    }
     *sum = ice_exp_sum(sc, n, *mx);
 }
 

@@ -121,6 +121,8 @@ bool  ice_tiles_match_rows(int64_t n);
 float ice_exp_sum(float * x, int64_t n, float mx);
 // max of x[0..n), -INFINITY when n == 0 (NaNs are skipped)
 float ice_max(const float * x, int64_t n);
+// x[i] *= scale for i < n, then ice_max(x, n): the same results, in one pass where the CPU allows
+float ice_scale_max(float * x, int64_t n, float scale);
 // Appends to out the cells j in [j0, j1) an f16 mask row m shows (m[j] != -inf); returns how many.
 // out needs room for j1 - j0 + 16 entries (the vector variant stores sixteen at a time).
 int64_t ice_visible_f16(const uint16_t * m, int64_t j0, int64_t j1, int32_t * out);
@@ -148,6 +150,12 @@ int64_t ice_block_keys(const float * qk, const float * q2var, const int32_t * co
         uint32_t * key);
 // Number of key[0..n) >= t.
 int64_t ice_count_ge_u32(const uint32_t * key, int64_t n, uint32_t t);
+// The largest of key[0..n) (0 when n == 0).
+uint32_t ice_max_u32(const uint32_t * key, int64_t n);
+// For every nonzero hk[b], b < n: key[b] = max(key[b], ice_score_key(ice_key_score(hk[b]) - sub)), the
+// same bits in every variant (one IEEE subtraction between exact bit maps). A GQA group's ranking: each
+// head's block scores relative to its best, the best of them per block (tail.c).
+void ice_keys_max_shifted(uint32_t * key, const uint32_t * hk, int64_t n, float sub);
 
 // ---------------------------------------------------------------------------
 // Views.

@@ -343,6 +343,26 @@ static float exp_sum_avx512(float * x, int64_t n, float mx) {
     return _mm512_reduce_add_ps(s);
 }
 
+// x *= scale and the max of the products in one pass (NaNs skipped: max_ps keeps its second operand)
+__attribute__((target("avx512f")))
+static float scale_max_avx512(float * x, int64_t n, float scale) {
+    const __m512 vs = _mm512_set1_ps(scale);
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), vs);
+        _mm512_storeu_ps(x + i, v);
+        m = _mm512_max_ps(v, m);
+    }
+    if (i < n) {
+        const __mmask16 mk = (__mmask16)((1u << (n - i)) - 1u);
+        const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + i), vs);
+        _mm512_mask_storeu_ps(x + i, mk, v);
+        m = _mm512_mask_max_ps(m, mk, v, m);
+    }
+    return _mm512_reduce_max_ps(m);
+}
+
 // Batched forms for rows of 16k elements: the query (resp. the output) stays in registers across
 // rows, and eight dot products share one horizontal reduction.
 __attribute__((target("avx512f")))
@@ -741,6 +761,14 @@ float ice_exp_sum(float * x, int64_t n, float mx) {
     }
 #endif
     return exp_sum_scalar(x, n, mx);
+}
+
+float ice_scale_max(float * x, int64_t n, float scale) {
+#ifdef ICE_X86_DISPATCH
+    if (ice_simd_level() == ICE_SIMD_AVX512) return scale_max_avx512(x, n, scale);
+#endif
+    for (int64_t i = 0; i < n; i++) x[i] *= scale;
+    return ice_max(x, n);
 }
 
 float ice_max(const float * x, int64_t n) {

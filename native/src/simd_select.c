@@ -1,5 +1,6 @@
-// simd_select.c - the block search's selection kernels (visible cells of a mask row, block sort keys,
-// counting keys at or above a threshold) with the run-time dispatch of simd.c (ice_simd_level).
+// simd_select.c - the block search's selection kernels (visible cells of a mask row, block sort keys, a GQA
+// group's keys relative to each head's best, their max, counting keys at or above a threshold) with the
+// run-time dispatch of simd.c (ice_simd_level).
 // Kept apart from simd.c's arithmetic kernels so each file stays readable.
 
 #include "ice_internal.h"
@@ -28,6 +29,19 @@ static int64_t block_keys_scalar(const float * qk, const float * q2v, const int3
     int64_t nok = 0;
     for (; i < n; i++) { key[i] = block_key_scalar(qk[i], q2v[i], cnt[i], vis[i]); nok += key[i] != 0; }
     return nok;
+}
+
+static uint32_t max_u32_scalar(const uint32_t * key, int64_t i, int64_t n, uint32_t m) {
+    for (; i < n; i++) m = key[i] > m ? key[i] : m;
+    return m;
+}
+
+static void keys_max_shifted_scalar(uint32_t * key, const uint32_t * hk, int64_t i, int64_t n, float sub) {
+    for (; i < n; i++) {
+        if (!hk[i]) continue;
+        const uint32_t k = ice_score_key(ice_key_score(hk[i]) - sub);
+        if (k > key[i]) key[i] = k;
+    }
 }
 
 static int64_t count_ge_scalar(const uint32_t * key, int64_t i, int64_t n, uint32_t t) {
@@ -96,6 +110,37 @@ static int64_t count_ge_avx2(const uint32_t * key, int64_t n, uint32_t t) {
     return c + count_ge_scalar(key, i, n, t);
 }
 
+// The ranking key's float (the inverse of ice_score_key), less sub, as a key again: ice_score_key's
+// bit flips on both sides of one subtraction, eight lanes at a time.
+__attribute__((target("avx2")))
+static void keys_max_shifted_avx2(uint32_t * key, const uint32_t * hk, int64_t n, float sub) {
+    const __m256i sign = _mm256_set1_epi32((int)0x80000000u), low = _mm256_set1_epi32(0x7fffffff), ones = _mm256_set1_epi32(-1);
+    const __m256 s = _mm256_set1_ps(sub);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i u = _mm256_loadu_si256((const __m256i *)(const void *)(hk + i));
+        const __m256i neg = _mm256_srai_epi32(u, 31);   // all ones where the key's top bit is set
+        const __m256i f = _mm256_blendv_epi8(_mm256_xor_si256(u, ones), _mm256_and_si256(u, low), neg);
+        const __m256i d = _mm256_castps_si256(_mm256_sub_ps(_mm256_castsi256_ps(f), s));
+        const __m256i dn = _mm256_srai_epi32(d, 31);
+        const __m256i k = _mm256_blendv_epi8(_mm256_or_si256(d, sign), _mm256_xor_si256(d, ones), dn);
+        const __m256i live = _mm256_xor_si256(_mm256_cmpeq_epi32(u, _mm256_setzero_si256()), ones);
+        const __m256i old = _mm256_loadu_si256((const __m256i *)(const void *)(key + i));
+        _mm256_storeu_si256((__m256i *)(void *)(key + i), _mm256_max_epu32(old, _mm256_and_si256(k, live)));
+    }
+    keys_max_shifted_scalar(key, hk, i, n, sub);
+}
+
+__attribute__((target("avx2")))
+static uint32_t max_u32_avx2(const uint32_t * key, int64_t n) {
+    __m256i m = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) m = _mm256_max_epu32(m, _mm256_loadu_si256((const __m256i *)(const void *)(key + i)));
+    uint32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)(void *)lanes, m);
+    return max_u32_scalar(lanes, 0, 8, max_u32_scalar(key, i, n, 0));
+}
+
 // ---- AVX-512F --------------------------------------------------------------
 
 // Visible cells of an f16 mask row, sixteen at a time: compare, then compress the cell numbers.
@@ -141,6 +186,30 @@ static int64_t count_ge_avx512(const uint32_t * key, int64_t n, uint32_t t) {
     for (; i + 16 <= n; i += 16) c += __builtin_popcount((unsigned)_mm512_cmpge_epu32_mask(_mm512_loadu_si512(key + i), tv));
     return c + count_ge_scalar(key, i, n, t);
 }
+
+__attribute__((target("avx512f")))
+static void keys_max_shifted_avx512(uint32_t * key, const uint32_t * hk, int64_t n, float sub) {
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u), low = _mm512_set1_epi32(0x7fffffff), ones = _mm512_set1_epi32(-1);
+    const __m512 s = _mm512_set1_ps(sub);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512i u = _mm512_loadu_si512(hk + i);
+        const __m512i f = _mm512_mask_and_epi32(_mm512_xor_si512(u, ones), _mm512_test_epi32_mask(u, sign), u, low);
+        const __m512i d = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(f), s));
+        const __m512i k = _mm512_mask_xor_epi32(_mm512_or_si512(d, sign), _mm512_test_epi32_mask(d, sign), d, ones);
+        const __m512i old = _mm512_loadu_si512(key + i);
+        _mm512_storeu_si512(key + i, _mm512_max_epu32(old, _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(u, u), k)));
+    }
+    keys_max_shifted_scalar(key, hk, i, n, sub);
+}
+
+__attribute__((target("avx512f")))
+static uint32_t max_u32_avx512(const uint32_t * key, int64_t n) {
+    __m512i m = _mm512_setzero_si512();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) m = _mm512_max_epu32(m, _mm512_loadu_si512(key + i));
+    return max_u32_scalar(key, i, n, _mm512_reduce_max_epu32(m));
+}
 #endif
 
 // ---- dispatch ----------------------------------------------------------------
@@ -168,4 +237,20 @@ int64_t ice_count_ge_u32(const uint32_t * key, int64_t n, uint32_t t) {
     if (ice_simd_level() == ICE_SIMD_AVX2) return count_ge_avx2(key, n, t);
 #endif
     return count_ge_scalar(key, 0, n, t);
+}
+
+uint32_t ice_max_u32(const uint32_t * key, int64_t n) {
+#ifdef ICE_X86_DISPATCH
+    if (ice_simd_level() == ICE_SIMD_AVX512) return max_u32_avx512(key, n);
+    if (ice_simd_level() == ICE_SIMD_AVX2) return max_u32_avx2(key, n);
+#endif
+    return max_u32_scalar(key, 0, n, 0);
+}
+
+void ice_keys_max_shifted(uint32_t * key, const uint32_t * hk, int64_t n, float sub) {
+#ifdef ICE_X86_DISPATCH
+    if (ice_simd_level() == ICE_SIMD_AVX512) { keys_max_shifted_avx512(key, hk, n, sub); return; }
+    if (ice_simd_level() == ICE_SIMD_AVX2) { keys_max_shifted_avx2(key, hk, n, sub); return; }
+#endif
+    keys_max_shifted_scalar(key, hk, 0, n, sub);
 }

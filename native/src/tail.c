@@ -86,14 +86,8 @@ static int64_t group_keys(const struct ice_head * h, const int32_t * bcnt, int64
     for (int64_t j = 0; j < na; j++) {
         mx[j] = 0.0f;
         if (ice_block_keys(bqk + j * nb, bsp + j * nb, h->bcount, bcnt, nb, hk) == 0) continue;
-        uint32_t top = 0;
-        for (int64_t b = 0; b < nb; b++) top = hk[b] > top ? hk[b] : top;
-        mx[j] = ice_key_score(top);
-        for (int64_t b = 0; b < nb; b++) {
-            if (!hk[b]) continue;
-            const uint32_t k = ice_score_key(ice_key_score(hk[b]) - mx[j]);
-            if (k > key[b]) key[b] = k;
-        }
+        mx[j] = ice_key_score(ice_max_u32(hk, nb));
+        ice_keys_max_shifted(key, hk, nb, mx[j]);
     }
     int64_t n_ok = 0;
     for (int64_t b = 0; b < nb; b++) n_ok += key[b] != 0;

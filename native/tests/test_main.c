@@ -1,7 +1,8 @@
 // test_main.c - a small C driver for sanitizer runs (ASan + UBSan + LeakSanitizer):
 // index add/search/remove/free for both kinds and attention prepare/forward/dense with
 // f16 K/V, a transposed V, GQA, two streams and a causal mask, over 1 and 3 threads; and the tiled dot
-// products against the row ones, bit for bit where they promise it (ice_tiles_match_rows).
+// products against the row ones, bit for bit where they promise it (ice_tiles_match_rows); the selection's
+// and softmax's small kernels against plain loops.
 // Exits non-zero on a failed check; sanitizers abort on their own reports.
 
 #include "../src/ice_internal.h"
@@ -152,12 +153,43 @@ static void test_tiles_match_rows(void) {
     }
 }
 
+// The selection's and softmax's small kernels against plain loops, bit for bit, at every length to 40 (full
+// vectors and every tail): group ranking keys (zeros: ineligible blocks), their max, and the fused scale-max
+// with NaN and infinities among the scores.
+static void test_small_kernels_match_loops(void) {
+    for (int64_t n = 0; n <= 40; n++) {
+        uint32_t hk[40], key[40], ref[40];
+        float x[40], y[40];
+        for (int64_t i = 0; i < n; i++) {
+            hk[i] = i % 5 == 3 ? 0u : ice_score_key(16.0f * frand());
+            key[i] = ref[i] = i % 3 ? ice_score_key(4.0f * frand()) : 0u;
+            x[i] = y[i] = i % 11 == 7 ? NAN : i % 13 == 5 ? -INFINITY : 8.0f * frand();
+        }
+        uint32_t top = 0;
+        for (int64_t i = 0; i < n; i++) top = hk[i] > top ? hk[i] : top;
+        CHECK(ice_max_u32(hk, n) == top);
+        const float sub = n ? ice_key_score(top) : 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            const uint32_t k = hk[i] ? ice_score_key(ice_key_score(hk[i]) - sub) : 0u;
+            ref[i] = k > ref[i] ? k : ref[i];
+        }
+        ice_keys_max_shifted(key, hk, n, sub);
+        CHECK(memcmp(key, ref, (size_t)n * sizeof *key) == 0);
+        float mx = -INFINITY;
+        for (int64_t i = 0; i < n; i++) { y[i] *= 0.125f; mx = y[i] > mx ? y[i] : mx; }
+        const float got = ice_scale_max(x, n, 0.125f);
+        CHECK(memcmp(&got, &mx, sizeof got) == 0 || (got == 0.0f && mx == 0.0f));
+        CHECK(memcmp(x, y, (size_t)n * sizeof *x) == 0);
+    }
+}
+
 int main(void) {
     for (int s = 0; s <= 5; s++) CHECK(strlen(ice_status_str((enum ice_status)s)) > 0);
     test_index(ICE_INDEX_EXACT);
     test_index(ICE_INDEX_DCI);
     for (int e = 0; e < 2; e++) for (int t = 0; t < 2; t++) test_attention(e, t);
     test_tiles_match_rows();
+    test_small_kernels_match_loops();
     printf("native C driver: ok (simd: %s)\n", ice_simd_name());
     return 0;
 }
